@@ -1,0 +1,153 @@
+"""The typed configuration tree of a run.
+
+Every section is a keyword-only dataclass so a recipe reads like a table and a typo is an error.
+A run's resolved `TrainConfig` is saved with each checkpoint (see `to_dict`), which makes a
+checkpoint self-describing: `convert`, `resume` and `export` never need the original YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shapes of the Qwen3 decoder (and, later, the vision tower).
+
+    `flavor` names a preset in `models/keye_vl/configs.py`; fields given next to it override it.
+    """
+
+    flavor: str = "tiny"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    rms_norm_eps: float = 1e-6
+    rope_base: float = 1_000_000.0
+    # M-RoPE sections over the rotary half-dimension: (t, h, w). Must sum to head_dim // 2.
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    max_position_embeddings: int = 40960
+    init_std: float = 0.02
+    attention_backend: Literal["auto", "sdpa", "flash", "te"] = "auto"
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel degrees. `data` is derived from the world size when left at 0."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1
+    context: int = 1
+    data: int = 0
+    sequence_parallel: bool = False
+    # ZeRO-1: shard Adam state and the fp32 master copy over data-parallel ranks.
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: int | None = None
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW hyper-parameters; weight decay is never applied to norms and biases."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Batch sizes, run length and the learning-rate schedule."""
+
+    train_iters: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    warmup_iters: int = 10
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    # Length of the final decay phase under `wsd` (warmup-stable-decay).
+    wsd_decay_iters: int = 0
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where batches come from and how long a sequence is."""
+
+    kind: Literal["synthetic_text", "text_jsonl"] = "synthetic_text"
+    seq_length: int = 128
+    # text_jsonl: a JSONL file (or directory of them) with a "text" field per line.
+    path: str | None = None
+    # A tokenizer.json directory; None means the small tokenizer the project ships.
+    tokenizer: str | None = None
+    # synthetic_text: how many documents the generator writes.
+    num_documents: int = 2000
+    seed: int = 1234
+    shuffle: bool = True
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Saving and loading. `load` may be a directory of checkpoints (its `latest` is used)."""
+
+    save_dir: str | None = None
+    save_interval: int = 0
+    save_at_end: bool = True
+    load: str | None = None
+    # Load only model weights (fine-tuning from a converted checkpoint): no optimizer, no step.
+    load_weights_only: bool = False
+    # How the ZeRO-1 optimizer state is laid out on disk. fully_sharded_model_space (default)
+    # and fully_reshardable load into any TP/PP/DP layout; dp_reshardable saves fastest but
+    # only reloads with the same tensor and pipeline sizes.
+    optimizer_format: Literal[
+        "fully_sharded_model_space", "fully_reshardable", "dp_reshardable"
+    ] = "fully_sharded_model_space"
+    keep_last: int = 0
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console progress line, the metrics file and wandb."""
+
+    log_interval: int = 1
+    output_dir: str = "outputs/run"
+    wandb_project: str | None = None
+    # offline unless a project is configured; "disabled" turns wandb off entirely.
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    run_name: str | None = None
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """What a training stage trains and with which loss head."""
+
+    name: str = "pretrain"
+    loss_head: str = "lm"
+    # Parameters whose names match any of these fnmatch patterns are frozen.
+    freeze: list[str] = field(default_factory=list)
+    max_consecutive_nonfinite: int = 3
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The whole run."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234

@@ -1,0 +1,158 @@
+"""Start-up validation: refuse every layout that cannot work, naming the field to change.
+
+Runs before any process group exists, so a bad layout fails in a second on every rank with the
+same message instead of deadlocking or silently computing something else hours later.
+"""
+
+from __future__ import annotations
+
+from megatron_keye.config.loading import ConfigError
+from megatron_keye.config.schema import ParallelConfig, TrainConfig
+
+
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree implied by the world size (checked by `validate`)."""
+    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+    return parallel.data if parallel.data > 0 else max(world_size // model_parallel, 1)
+
+
+def num_microbatches(config: TrainConfig, world_size: int) -> int:
+    """Micro-batches per data-parallel rank per step."""
+    dp = data_parallel_size(config.parallel, world_size)
+    return config.schedule.global_batch_size // (config.schedule.micro_batch_size * dp)
+
+
+def validate(config: TrainConfig, world_size: int) -> None:
+    """Raise `ConfigError` for the first setting that cannot work at this world size."""
+    _validate_parallel(config, world_size)
+    _validate_model(config)
+    _validate_schedule(config, world_size)
+
+
+def _validate_parallel(config: TrainConfig, world_size: int) -> None:
+    p = config.parallel
+    for name in ("tensor", "pipeline", "virtual_pipeline", "context"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    if p.data < 0:
+        raise ConfigError("parallel.data", f"must be >= 0 (0 = derive), got {p.data}")
+    model_parallel = p.tensor * p.pipeline * p.context
+    dp = data_parallel_size(config.parallel, world_size)
+    if model_parallel * dp != world_size:
+        raise ConfigError(
+            "parallel",
+            f"world size {world_size} != tensor({p.tensor}) x pipeline({p.pipeline}) x "
+            f"context({p.context}) x data({dp}); change parallel.tensor/pipeline/context/data "
+            f"or the number of processes",
+        )
+    if p.virtual_pipeline > 1 and p.pipeline < 2:
+        raise ConfigError(
+            "parallel.virtual_pipeline", "virtual pipeline stages need parallel.pipeline >= 2"
+        )
+    if p.context > 1:
+        raise ConfigError(
+            "parallel.context",
+            "context parallelism is not available yet in this release; set parallel.context=1",
+        )
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        raise ConfigError(
+            "parallel.overlap_param_gather", "needs parallel.distributed_optimizer=true"
+        )
+
+
+def _validate_model(config: TrainConfig) -> None:
+    m, p = config.model, config.parallel
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            "model.num_query_groups",
+            f"{m.num_query_groups} does not divide model.num_attention_heads "
+            f"({m.num_attention_heads})",
+        )
+    if m.num_attention_heads % p.tensor:
+        raise ConfigError(
+            "parallel.tensor",
+            f"{p.tensor} does not divide model.num_attention_heads ({m.num_attention_heads})",
+        )
+    if m.num_query_groups % p.tensor:
+        raise ConfigError(
+            "parallel.tensor",
+            f"{p.tensor} does not divide model.num_query_groups ({m.num_query_groups})",
+        )
+    if m.ffn_hidden_size % p.tensor:
+        raise ConfigError(
+            "parallel.tensor",
+            f"{p.tensor} does not divide model.ffn_hidden_size ({m.ffn_hidden_size})",
+        )
+    if m.vocab_size % p.tensor:
+        raise ConfigError(
+            "parallel.tensor", f"{p.tensor} does not divide model.vocab_size ({m.vocab_size})"
+        )
+    stages = p.pipeline * p.virtual_pipeline
+    if m.num_layers % stages:
+        raise ConfigError(
+            "parallel.pipeline",
+            f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline x "
+            f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline})",
+        )
+    if m.head_dim % 2:
+        raise ConfigError("model.head_dim", f"must be even for rotary embeddings, got {m.head_dim}")
+    if len(m.mrope_section) != 3 or sum(m.mrope_section) != m.head_dim // 2:
+        raise ConfigError(
+            "model.mrope_section",
+            f"needs three sections (t, h, w) summing to model.head_dim/2 = {m.head_dim // 2}, "
+            f"got {m.mrope_section}",
+        )
+    seq = config.data.seq_length
+    if p.sequence_parallel and p.tensor > 1 and seq % p.tensor:
+        raise ConfigError(
+            "data.seq_length",
+            f"{seq} is not divisible by parallel.tensor ({p.tensor}) under sequence parallel",
+        )
+    if p.context > 1 and seq % (2 * p.context):
+        raise ConfigError(
+            "data.seq_length",
+            f"{seq} is not divisible by 2 x parallel.context ({2 * p.context})",
+        )
+    if m.attention_backend in ("flash", "te"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "model.attention_backend",
+                f"{m.attention_backend!r} needs CUDA; use 'auto' or 'sdpa' on this machine",
+            )
+
+
+def _validate_schedule(config: TrainConfig, world_size: int) -> None:
+    s, p = config.schedule, config.parallel
+    dp = data_parallel_size(config.parallel, world_size)
+    if s.micro_batch_size < 1 or s.global_batch_size < 1:
+        raise ConfigError("schedule.micro_batch_size", "batch sizes must be >= 1")
+    if s.global_batch_size % (s.micro_batch_size * dp):
+        raise ConfigError(
+            "schedule.global_batch_size",
+            f"{s.global_batch_size} is not divisible by schedule.micro_batch_size "
+            f"({s.micro_batch_size}) x data-parallel size ({dp})",
+        )
+    m = num_microbatches(config, world_size)
+    if p.virtual_pipeline > 1 and m % p.pipeline:
+        raise ConfigError(
+            "schedule.global_batch_size",
+            f"interleaved pipelining needs the micro-batches per data-parallel rank ({m}) to be "
+            f"a multiple of parallel.pipeline ({p.pipeline})",
+        )
+    if s.train_iters < 0:
+        raise ConfigError("schedule.train_iters", f"must be >= 0, got {s.train_iters}")
+    if s.warmup_iters > s.train_iters:
+        raise ConfigError(
+            "schedule.warmup_iters",
+            f"{s.warmup_iters} exceeds schedule.train_iters ({s.train_iters})",
+        )
+    if s.decay_style == "wsd" and not 0 < s.wsd_decay_iters <= s.train_iters - s.warmup_iters:
+        raise ConfigError(
+            "schedule.wsd_decay_iters",
+            f"must be in (0, train_iters - warmup_iters] under decay_style=wsd, "
+            f"got {s.wsd_decay_iters}",
+        )
+    if config.stage.max_consecutive_nonfinite < 1:
+        raise ConfigError("stage.max_consecutive_nonfinite", "must be >= 1")

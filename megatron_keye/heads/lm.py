@@ -1,0 +1,32 @@
+"""Next-token cross-entropy over a vocab-parallel output layer (pretraining and SFT)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from megatron.core import tensor_parallel
+
+from megatron_keye.heads.base import Report, register_loss_head, report_entry
+
+
+@register_loss_head("lm")
+class LanguageModelLoss:
+    """Sum of -log p(label) over tokens with `loss_mask` = 1.
+
+    The batch carries `labels` [b, s] (already shifted: labels[t] is the token after t) and
+    `loss_mask` [b, s]. Masked positions may hold any in-vocabulary label.
+    """
+
+    name = "lm"
+
+    def __call__(
+        self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Report]:
+        labels = batch["labels"].transpose(0, 1).contiguous()
+        mask = batch["loss_mask"].transpose(0, 1).float()
+        # vocab_parallel_cross_entropy rewrites fp32 logits in place; this head owns them.
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+        total = (per_token * mask).sum()
+        count = mask.sum().to(torch.int)
+        return total, count, {"lm loss": report_entry(total, count)}

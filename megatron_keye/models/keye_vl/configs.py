@@ -1,0 +1,58 @@
+"""Model flavors: `tiny` for tests, `small` for CPU benchmarks, `8b` for Qwen3-8B shapes.
+
+A flavor is a plain mapping of `ModelConfig` fields; recipes name one and may override any field.
+"""
+
+from __future__ import annotations
+
+FLAVORS: dict[str, dict] = {
+    # Small enough that a 4-process gloo test step takes milliseconds, yet with GQA (4:2),
+    # head_dim independent of hidden/heads, and sections that exercise all three M-RoPE axes.
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=24,
+        ffn_hidden_size=160,
+        rope_base=1_000_000.0,
+        mrope_section=[4, 4, 4],
+        max_position_embeddings=4096,
+    ),
+    # CPU benchmark shapes: hidden 512, 8 layers, GQA 8:2.
+    "small": dict(
+        vocab_size=2048,
+        hidden_size=512,
+        num_layers=8,
+        num_attention_heads=8,
+        num_query_groups=2,
+        head_dim=64,
+        ffn_hidden_size=1536,
+        rope_base=1_000_000.0,
+        mrope_section=[8, 12, 12],
+        max_position_embeddings=32768,
+    ),
+    # Qwen3-8B, the Keye-VL-1.5 language model (spec section 1.3).
+    "8b": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        num_layers=36,
+        num_attention_heads=32,
+        num_query_groups=8,
+        head_dim=128,
+        ffn_hidden_size=12288,
+        rope_base=1_000_000.0,
+        mrope_section=[16, 24, 24],
+        max_position_embeddings=131072,
+    ),
+}
+
+
+def flavor_fields(name: str) -> dict:
+    """The `ModelConfig` fields of a named flavor (a fresh copy)."""
+    if name not in FLAVORS:
+        raise ValueError(f"model.flavor: unknown flavor {name!r}; choose one of {sorted(FLAVORS)}")
+    fields = dict(FLAVORS[name])
+    fields["mrope_section"] = list(fields["mrope_section"])
+    return fields

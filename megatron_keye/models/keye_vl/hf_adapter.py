@@ -1,0 +1,232 @@
+"""Hugging Face Qwen3ForCausalLM ⇄ native weights: an explicit name map plus TP/PP split and merge.
+
+"Native full" names are those of an unsharded (TP=1, PP=1) `Qwen3LanguageModel` state dict with
+global layer indices. `shard_for_stage` cuts a full dict into what one tensor-parallel rank of one
+pipeline (virtual) stage holds; `merge_tensor_shards` is its inverse. Layout facts encoded here:
+
+- linear_qkv rows are grouped per query group: [q heads of group g | k_g | v_g] for g in groups,
+  so a tensor-parallel split of rows hands each rank whole groups.
+- linear_fc1 is [gate; up]; each tensor-parallel rank holds [gate_r; up_r].
+- Column-parallel weights (qkv, fc1, embedding, output layer) split rows, row-parallel weights
+  (linear_proj, fc2) split columns; norms are replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from megatron_keye.config.schema import ModelConfig
+
+LAYER_PREFIX = "decoder.layers."
+
+# Per-layer names: native suffix -> HF suffix, for tensors that map one to one.
+_LAYER_DIRECT = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_DIRECT = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+# How each native tensor is split over tensor-parallel ranks: dim, or "fc1" for [gate; up].
+_TP_SPLIT = {
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc1.weight": "fc1",
+    "mlp.linear_fc2.weight": 1,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageShard:
+    """What one rank of one pipeline (virtual) stage holds."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    layer_offset: int = 0
+    num_layers: int
+    pre_process: bool = True
+    post_process: bool = True
+
+
+def hf_to_native(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full native state dict from a Qwen3ForCausalLM state dict (names checked both ways)."""
+    _check_hf_names(hf, model)
+    out = {native: hf[name] for native, name in _GLOBAL_DIRECT.items()}
+    groups, per_group = model.num_query_groups, model.num_attention_heads // model.num_query_groups
+    hd, h = model.head_dim, model.hidden_size
+    for i in range(model.num_layers):
+        src, dst = f"model.layers.{i}.", f"{LAYER_PREFIX}{i}."
+        for native, name in _LAYER_DIRECT.items():
+            out[dst + native] = hf[src + name]
+        q = hf[src + "self_attn.q_proj.weight"].reshape(groups, per_group * hd, h)
+        k = hf[src + "self_attn.k_proj.weight"].reshape(groups, hd, h)
+        v = hf[src + "self_attn.v_proj.weight"].reshape(groups, hd, h)
+        out[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, h)
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], 0
+        )
+    return out
+
+
+def native_to_hf(native: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Qwen3ForCausalLM state dict from a full native state dict."""
+    out = {name: native[key] for key, name in _GLOBAL_DIRECT.items()}
+    groups, per_group = model.num_query_groups, model.num_attention_heads // model.num_query_groups
+    hd, h = model.head_dim, model.hidden_size
+    for i in range(model.num_layers):
+        src, dst = f"{LAYER_PREFIX}{i}.", f"model.layers.{i}."
+        for key, name in _LAYER_DIRECT.items():
+            out[dst + name] = native[src + key]
+        qkv = native[src + "self_attention.linear_qkv.weight"].reshape(groups, (per_group + 2) * hd, h)
+        q, k, v = qkv.split([per_group * hd, hd, hd], dim=1)
+        out[dst + "self_attn.q_proj.weight"] = q.reshape(-1, h)
+        out[dst + "self_attn.k_proj.weight"] = k.reshape(-1, h)
+        out[dst + "self_attn.v_proj.weight"] = v.reshape(-1, h)
+        gate, up = native[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[dst + "mlp.gate_proj.weight"] = gate
+        out[dst + "mlp.up_proj.weight"] = up
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def shard_for_stage(
+    full: Mapping[str, torch.Tensor], shard: StageShard
+) -> dict[str, torch.Tensor]:
+    """The local state dict of one rank of one stage, from a full native state dict."""
+    out = {}
+    for key, tensor in full.items():
+        local_key = _localize(key, shard)
+        if local_key is None:
+            continue
+        out[local_key] = split_tensor(key, tensor, shard.tp_rank, shard.tp_size)
+    return out
+
+
+def split_tensor(key: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This tensor-parallel rank's piece of a full native tensor."""
+    how = _split_rule(key)
+    if how is None or tp_size == 1:
+        return tensor.clone()
+    if how == "fc1":
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], 0)
+    return tensor.chunk(tp_size, dim=how)[tp_rank].clone()
+
+
+def merge_tensor_shards(key: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `split_tensor` over all tensor-parallel ranks (in rank order)."""
+    how = _split_rule(key)
+    if how is None or len(shards) == 1:
+        return shards[0]
+    if how == "fc1":
+        gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+        return torch.cat([torch.cat(gates, 0), torch.cat(ups, 0)], 0)
+    return torch.cat(shards, dim=how)
+
+
+def globalize_layer_key(local_key: str, layer_offset: int) -> str:
+    """`decoder.layers.{i}.x` of a stage → `decoder.layers.{offset+i}.x`."""
+    if not local_key.startswith(LAYER_PREFIX):
+        return local_key
+    index, rest = local_key[len(LAYER_PREFIX) :].split(".", 1)
+    return f"{LAYER_PREFIX}{int(index) + layer_offset}.{rest}"
+
+
+def hf_config_dict(model: ModelConfig) -> dict:
+    """A transformers Qwen3Config (as a dict) for these model shapes."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups,
+        "head_dim": model.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.rms_norm_eps,
+        "rope_theta": model.rope_base,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "initializer_range": model.init_std,
+    }
+
+
+def model_fields_from_hf_config(hf: Mapping) -> dict:
+    """`ModelConfig` fields from a Qwen3 config.json (tied embeddings are refused)."""
+    if hf.get("tie_word_embeddings", False):
+        raise ValueError("config.json: tie_word_embeddings=true is not supported (Qwen3-8B is untied)")
+    rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads", heads),
+        head_dim=head_dim,
+        ffn_hidden_size=hf["intermediate_size"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_base=float(rope),
+        max_position_embeddings=hf.get("max_position_embeddings", 40960),
+    )
+    half = head_dim // 2
+    sections = (hf.get("rope_scaling") or {}).get("mrope_section")
+    if sections is None:  # text-only checkpoint: any split works; keep Keye's 1:1.5:1.5 ratio
+        t = half // 4
+        h = (half - t) // 2
+        sections = [t, h, half - t - h]
+    fields["mrope_section"] = list(sections)
+    return fields
+
+
+def _split_rule(key: str):
+    for suffix, how in _TP_SPLIT.items():
+        if key.endswith(suffix):
+            return how
+    return None
+
+
+def _localize(key: str, shard: StageShard) -> str | None:
+    if key.startswith("embedding."):
+        return key if shard.pre_process else None
+    if key.startswith("output_layer.") or key.startswith("decoder.final_layernorm."):
+        return key if shard.post_process else None
+    if key.startswith(LAYER_PREFIX):
+        index, rest = key[len(LAYER_PREFIX) :].split(".", 1)
+        local = int(index) - shard.layer_offset
+        if 0 <= local < shard.num_layers:
+            return f"{LAYER_PREFIX}{local}.{rest}"
+        return None
+    raise KeyError(f"unexpected native parameter name {key!r}")
+
+
+def _check_hf_names(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
+    expected = set(_GLOBAL_DIRECT.values())
+    for i in range(model.num_layers):
+        names = list(_LAYER_DIRECT.values()) + [
+            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+            "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        ]
+        expected.update(f"model.layers.{i}.{n}" for n in names)
+    present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"HF checkpoint does not match the model config: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )

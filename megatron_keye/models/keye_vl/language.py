@@ -1,0 +1,169 @@
+"""The Qwen3 decoder on megatron-core: embeddings, M-RoPE, TransformerBlock, vocab-parallel head.
+
+One `Qwen3LanguageModel` is one pipeline (virtual) stage: the first stage embeds tokens (or takes
+precomputed embeddings, e.g. with vision features merged in), the last produces vocab-parallel
+logits [s, b, vocab/tp] for a loss head. Tensor and sequence parallelism come from megatron-core's
+layers; the attention kernel is our `CoreAttention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_keye.config.schema import ModelConfig, ParallelConfig
+from megatron_keye.models.keye_vl.rope import MultimodalRotaryEmbedding
+from megatron_keye.models.keye_vl.specs import decoder_block_spec
+from megatron_keye.ops.attention.core import resolve_backend
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    precision: str = "fp32",
+    use_cpu_initialization: bool | None = None,
+) -> TransformerConfig:
+    """Translate our model and parallel sections into megatron-core's TransformerConfig."""
+    bf16 = precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=(
+            parallel.virtual_pipeline if parallel.virtual_pipeline > 1 else None
+        ),
+        context_parallel_size=parallel.context,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None
+        else use_cpu_initialization,
+        # Losses arrive as (sum, token count); gradients are scaled once by the global count.
+        calculate_per_token_loss=True,
+        # Interleaved pipelining with batched p2p is silently wrong (NVIDIA/Megatron-LM#1450).
+        batch_p2p_comm=parallel.virtual_pipeline == 1,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+class Qwen3LanguageModel(LanguageModule):
+    """One pipeline stage of the Qwen3 decoder (GQA, QK RMSNorm, SwiGLU, untied embeddings)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        model: ModelConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        parallel_output: bool = True,
+    ):
+        super().__init__(config=config)
+        self.model_config = model
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = False
+        self.model_type = ModelType.encoder_or_decoder
+        self.vocab_size = model.vocab_size
+        backend = model.attention_backend if model.attention_backend == "te" else resolve_backend(
+            model.attention_backend
+        )
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=model.vocab_size,
+                max_sequence_length=model.max_position_embeddings,
+                position_embedding_type="none",
+            )
+        self.rotary_pos_emb = MultimodalRotaryEmbedding(
+            head_dim=model.head_dim, base=model.rope_base, sections=model.mrope_section
+        )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=decoder_block_spec(config, attention_backend=backend, vp_stage=vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                model.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=not parallel_output,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's activations in here."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        decoder_input: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """Run this stage.
+
+        input_ids [b, s] (first stage, unless `decoder_input` [s, b, h] is given),
+        position_ids [3, b, s]. Returns vocab-parallel logits [s, b, vocab/tp] on the last
+        stage and hidden states [s(/tp under SP), b, h] elsewhere.
+        """
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
+        rotary = self.rotary_pos_emb(position_ids)
+        hidden = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary,
+            packed_seq_params=packed_seq_params,
+        )
+        if not self.post_process:
+            return hidden
+        logits, _ = self.output_layer(hidden)
+        return logits

@@ -1,0 +1,143 @@
+"""Core attention: the one module where attention math lives.
+
+It plugs into megatron-core's `SelfAttention` as the `core_attention` submodule of a layer spec,
+taking query [sq, b, heads, d] and key/value [sk, b, groups, d] (already rotated, tensor-parallel
+local heads) and returning [sq, b, heads * d]. Backends are chosen by config: `sdpa` (torch's
+scaled_dot_product_attention, every device) and, on GPUs, `flash` (flash-attn). Packed samples are
+described by `PackedSeqParams.cu_seqlens_q` over the flattened (batch, sequence) token order and
+never attend across a boundary. Context parallelism wraps these kernels here, in a later release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_keye.ops.attention.masks import segment_ids_from_cu_seqlens
+
+BACKENDS = ("sdpa", "flash")
+
+
+def resolve_backend(name: str) -> str:
+    """`auto` → flash-attn on CUDA when importable, else SDPA."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            try:
+                import flash_attn  # noqa: F401
+
+                return "flash"
+            except ImportError:
+                return "sdpa"
+        return "sdpa"
+    if name == "te":
+        raise ValueError("model.attention_backend='te' is served by the TE layer spec, not here")
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention_backend: unknown backend {name!r}; use auto|{'|'.join(BACKENDS)}")
+    return name
+
+
+class CoreAttention(MegatronModule):
+    """Softmax(QK^T * scale + mask) V over tensor-parallel-local heads, GQA aware."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        backend: str = "sdpa",
+    ):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.backend = resolve_backend(backend)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by CoreAttention")
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        sq, b, heads, dim = query.shape
+        segments = None
+        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+            segments = segment_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, sq)
+        dropout = self.dropout if self.training else 0.0
+        # Dropout masks differ per tensor-parallel rank (they hold different heads).
+        rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
+        with rng:
+            out = self._attend(query, key, value, attention_mask, causal, segments, dropout)
+        return out.reshape(sq, b, heads * dim)
+
+    def _attend(self, query, key, value, attention_mask, causal, segments, dropout):
+        if self.backend == "flash":
+            from megatron_keye.ops.attention.flash import flash_attention
+
+            return flash_attention(query, key, value, causal=causal, segments=segments,
+                                   scale=self.softmax_scale, dropout=dropout)
+        return sdpa_attention(query, key, value, causal=causal, segments=segments,
+                              mask=attention_mask, scale=self.softmax_scale, dropout=dropout)
+
+
+def sdpa_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    segments: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention with torch SDPA on [s, b, h, d] tensors; returns [sq, b, h, d].
+
+    `segments` [b, s] (sample id per token) restricts attention to the token's own sample;
+    `mask` is megatron's boolean mask where True means "do not attend".
+    """
+    q = query.permute(1, 2, 0, 3)
+    k = key.permute(1, 2, 0, 3)
+    v = value.permute(1, 2, 0, 3)
+    if k.size(1) != q.size(1):
+        # GQA: expanding K/V up front keeps SDPA on its fused CPU/GPU kernels.
+        repeat = q.size(1) // k.size(1)
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    allowed = None
+    if segments is not None:
+        allowed = (segments[:, None, :, None] == segments[:, None, None, :])
+        if causal:
+            sq, sk = q.size(2), k.size(2)
+            allowed = allowed & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+    elif mask is not None:
+        allowed = ~mask
+    if allowed is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, scale=scale)
+    return out.permute(2, 0, 1, 3)

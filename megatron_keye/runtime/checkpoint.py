@@ -1,0 +1,264 @@
+"""Atomic, resharding checkpoints on megatron-core `dist_checkpointing`.
+
+Layout of `save_dir`:
+
+    iter_0000100/      one checkpoint: dist_checkpointing shards + common.pt + config.yaml
+    latest             the name of the newest complete checkpoint (rewritten atomically)
+
+A checkpoint is written into `.tmp_iter_…`, renamed when every rank has finished, and only then
+does `latest` move, so a crash at any moment leaves the previous checkpoint loadable. It holds the
+model, the optimizer (in a fully reshardable format by default), the LR scheduler, per-rank RNG
+states, the data loader's position, the iteration and the resolved config. Model weights load into
+any TP/PP/DP layout; so does the optimizer state in the `fully_*` formats; RNG states are restored
+only when the layout is unchanged (a new layout draws fresh streams, which is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_keye.config.schema import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+_COMMON_KEYS = ("iteration", "scheduler", "data", "config", "layout", "counters")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path | None:
+    """A checkpoint directory from either itself or a save dir with a `latest` pointer.
+
+    Returns None when `path` is a save dir that holds no complete checkpoint yet.
+    """
+    root = Path(path)
+    if (root / "metadata.json").exists():
+        return root
+    pointer = root / LATEST
+    if pointer.exists():
+        target = root / pointer.read_text().strip()
+        if not (target / "metadata.json").exists():
+            raise FileNotFoundError(f"{pointer} names {target.name}, which is not a checkpoint")
+        return target
+    if root.exists() and any(root.glob("iter_*/metadata.json")):
+        raise FileNotFoundError(f"{root} has checkpoints but no '{LATEST}' pointer")
+    return None
+
+
+@dataclass
+class TrainingState:
+    """Everything besides tensors that a resumed run needs."""
+
+    iteration: int = 0
+    scheduler: dict | None = None
+    data: dict | None = None
+    counters: dict | None = None
+
+
+class Checkpointer:
+    """Saves and loads the training state of one run."""
+
+    def __init__(self, config: CheckpointConfig, *, run_config: dict, layout: dict):
+        self.config = config
+        self.run_config = run_config
+        self.layout = layout
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, *, chunks, optimizer, state: TrainingState) -> Path:
+        """Write a checkpoint of this iteration and move `latest` to it (collective)."""
+        root = Path(self.config.save_dir)
+        name = checkpoint_name(state.iteration)
+        tmp, final = root / f".tmp_{name}", root / name
+        rank = dist.get_rank()
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp_iter_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        fmt = self.config.optimizer_format
+        sharded = {"model": _model_sharded_state(chunks)}
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                _flatten_model_state(sharded["model"]),
+                is_loading=False,
+                metadata={"distrib_optim_sharding_type": fmt},
+            )
+        sharded["rng"] = _rng_sharded_object()
+        sharded.update(
+            iteration=state.iteration,
+            scheduler=state.scheduler,
+            data=state.data,
+            counters=state.counters or {},
+            config=self.run_config,
+            layout=self.layout,
+        )
+        dist_checkpointing.save(
+            sharded, str(tmp), content_metadata={"distrib_optim_sharding_type": fmt}
+        )
+        dist.barrier()
+        if rank == 0:
+            with open(tmp / "config.yaml", "w") as f:
+                yaml.safe_dump(self.run_config, f, sort_keys=False)
+            _commit(tmp, final, root)
+            self._prune(root, keep=name)
+        dist.barrier()
+        return final
+
+    def _prune(self, root: Path, keep: str) -> None:
+        if self.config.keep_last <= 0:
+            return
+        done = sorted(p for p in root.glob("iter_*") if (p / "metadata.json").exists())
+        for old in done[: -self.config.keep_last]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------- loading
+    def load(self, path, *, chunks, optimizer, weights_only: bool = False) -> TrainingState:
+        """Load a checkpoint into live model chunks (and optimizer); returns the training state."""
+        directory = resolve_checkpoint_dir(path)
+        if directory is None:
+            raise FileNotFoundError(f"checkpoint.load: no checkpoint found at {path}")
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+        same_layout = common.get("layout") == self.layout
+        meta = dist_checkpointing.load_content_metadata(str(directory)) or {}
+        fmt = meta.get("distrib_optim_sharding_type", self.config.optimizer_format)
+        load_optimizer = optimizer is not None and not weights_only
+        if load_optimizer and fmt == "dp_reshardable" and not _model_parallel_unchanged(
+            common.get("layout"), self.layout
+        ):
+            raise ValueError(
+                f"checkpoint {directory} stores its optimizer as dp_reshardable, which cannot "
+                f"load into a different tensor/pipeline layout ({common.get('layout')} -> "
+                f"{self.layout}); set checkpoint.load_weights_only=true or resave with "
+                f"checkpoint.optimizer_format=fully_sharded_model_space"
+            )
+        sharded = {"model": _model_sharded_state(chunks)}
+        if load_optimizer:
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                _flatten_model_state(sharded["model"]),
+                is_loading=True,
+                metadata={"distrib_optim_sharding_type": fmt},
+            )
+        if same_layout and not weights_only:
+            sharded["rng"] = _rng_sharded_object()
+        loaded = dist_checkpointing.load(sharded, str(directory))
+        for index, chunk in enumerate(chunks):
+            _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{index}"], strict=True)
+        if load_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+        elif optimizer is not None:
+            optimizer.reload_model_params()
+        if "rng" in loaded:
+            _restore_rng(loaded["rng"])
+        elif not weights_only:
+            log.info("checkpoint layout %s differs from %s: RNG streams start fresh",
+                     common.get("layout"), self.layout)
+        if weights_only:
+            return TrainingState()
+        return TrainingState(
+            iteration=int(common["iteration"]),
+            scheduler=common.get("scheduler"),
+            data=common.get("data"),
+            counters=common.get("counters"),
+        )
+
+
+def _commit(tmp: Path, final: Path, root: Path) -> None:
+    """Rename the finished checkpoint into place, then move `latest` atomically."""
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
+        old = root / f".old_{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    pointer_tmp = root / f".{LATEST}.tmp"
+    with open(pointer_tmp, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _model_sharded_state(chunks) -> dict:
+    return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _flatten_model_state(model_state: dict) -> dict:
+    flat = {}
+    for chunk_state in model_state.values():
+        flat.update(chunk_state)
+    return flat
+
+
+def _model_parallel_unchanged(saved: dict | None, current: dict) -> bool:
+    if not saved:
+        return False
+    return all(saved.get(k) == current.get(k) for k in ("tensor", "pipeline", "virtual_pipeline"))
+
+
+def _rng_sharded_object() -> ShardedObject:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+    return ShardedObject(
+        "rng_state",
+        state,
+        (pp, tp),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        ),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+__all__ = ["Checkpointer", "TrainingState", "checkpoint_name", "resolve_checkpoint_dir"]

@@ -1,0 +1,174 @@
+"""The only place CPU workarounds for megatron-core 0.16.1 live.
+
+megatron-core assumes CUDA in a handful of places that are otherwise device-agnostic. Without
+CUDA, `apply()` installs one narrow shim per assumption, each naming the megatron-core site it
+covers; with CUDA it does nothing. Every shim is exercised by `tests/unit/test_cpu_compat.py`
+and, end to end, by the gloo parity tests. Nothing else in the package mentions CPU workarounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_LOCK = threading.Lock()
+CPU = torch.device("cpu")
+
+
+def needed() -> bool:
+    """True when the shims are required (no CUDA device)."""
+    return not torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Install every shim once (idempotent). Returns True if shims are active."""
+    global _APPLIED
+    if not needed():
+        return False
+    with _LOCK:
+        if _APPLIED:
+            return True
+        _current_device_is_cpu()
+        _rng_tracker_on_cpu_state()
+        _cuda_sync_and_seed_noops()
+        _cuda_device_arguments_to_cpu()
+        _cuda_type_names_for_optimizer_dispatch()
+        _APPLIED = True
+    return True
+
+
+def is_applied() -> bool:
+    """Whether `apply()` installed the shims in this process."""
+    return _APPLIED
+
+
+def _current_device_is_cpu() -> None:
+    """`torch.cuda.current_device()` → cpu.
+
+    Covers device arguments built from it, e.g. megatron/core/tensor_parallel/layers.py:261/552/873,
+    models/common/embeddings/rotary_pos_embedding.py (inv_freq), distributed/param_and_grad_buffer.py.
+    """
+    torch.cuda.current_device = lambda: CPU
+
+
+def _rng_tracker_on_cpu_state() -> None:
+    """The tensor-parallel RNG tracker forks and restores the CPU generator instead of CUDA's.
+
+    Covers megatron/core/tensor_parallel/random.py:41 (`_get_cuda_rng_state`) and :72
+    (`_set_cuda_rng_state`), used by `CudaRNGStatesTracker.add/fork` (random.py:230-277).
+    """
+    import megatron.core.tensor_parallel.random as mc_random
+
+    mc_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mc_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def _cuda_sync_and_seed_noops() -> None:
+    """`torch.cuda.{get_rng_state, manual_seed, synchronize}` on the CPU.
+
+    Covers megatron/core/tensor_parallel/random.py:235-238 and :422 (tracker seeding in
+    `model_parallel_cuda_manual_seed`) and the `torch.cuda.synchronize()` calls of
+    dist_checkpointing (strategies/filesystem_async.py:230, strategies/fully_parallel.py:272/281,
+    tensor_aware_state_dict.py:304).
+    """
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+def _as_cpu(device):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return CPU
+    if isinstance(device, int) and not isinstance(device, bool):
+        return CPU
+    return device
+
+
+class _CudaArgumentsToCpu(TorchFunctionMode):
+    """Rewrites `device="cuda"`/integer devices to CPU and drops `pin_memory` in torch calls."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs = dict(kwargs, device=_as_cpu(kwargs["device"]))
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], str | torch.device):
+            args = (args[0], _as_cpu(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cuda_device_arguments_to_cpu() -> None:
+    """Hard-coded `device="cuda"`, `.cuda()` and `pin_memory=True` resolve to the CPU.
+
+    Covers megatron/core/pipeline_parallel/schedules.py:596/983/2138 (`total_num_tokens`),
+    optimizer/clip_grads.py:90/103/115/174/207, optimizer/optimizer.py:473/481/485/907,
+    distributed/param_and_grad_buffer.py:768, dist_checkpointing/exchange_utils.py:104/110/326/336/499
+    and strategies/state_dict_saver.py:204. A process-wide TorchFunctionMode is the only hook that
+    reaches factory calls inside those function bodies; it only rewrites CUDA device arguments
+    (none of ours pass one), and threads started later install it via `ensure_thread_mode`.
+    """
+    _CudaArgumentsToCpu().__enter__()
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def ensure_thread_mode() -> None:
+    """Enter the device-argument mode in a worker thread (modes are per-thread in torch)."""
+    if _APPLIED and not any(isinstance(m, _CudaArgumentsToCpu) for m in _active_modes()):
+        _CudaArgumentsToCpu().__enter__()
+
+
+def _active_modes():
+    from torch.overrides import _get_current_function_mode_stack
+
+    return _get_current_function_mode_stack()
+
+
+def _cuda_type_names_for_optimizer_dispatch() -> None:
+    """While megatron-core builds optimizer param groups, CPU tensors report CUDA type names.
+
+    megatron/core/optimizer/distrib_optimizer.py:361/420/582 and optimizer/optimizer.py:671/690
+    dispatch on `param.type() == "torch.cuda.FloatTensor"` and raise TypeError for CPU tensors;
+    optimizer/clip_grads.py:167 asserts it. The rename is scoped to the two constructors and the
+    clipping function that reach those lines, not applied globally.
+    """
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    targets = [
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        # Bound by name in both modules (optimizer.py imports it from clip_grads).
+        (clip_grads, "clip_grad_by_total_norm_fp32"),
+        (optimizer, "clip_grad_by_total_norm_fp32"),
+    ]
+    for owner, name in targets:
+        setattr(owner, name, _with_cuda_type_names(getattr(owner, name)))
+
+
+def _with_cuda_type_names(method):
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch.") :]
+            return name
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        previous = torch.Tensor.type
+        torch.Tensor.type = cuda_named_type
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = previous
+
+    return wrapper
