@@ -105,12 +105,11 @@ class CheckpointConfig:
     load: str | None = None
     # Load only model weights (fine-tuning from a converted checkpoint): no optimizer, no step.
     load_weights_only: bool = False
-    # How the ZeRO-1 optimizer state is laid out on disk. fully_sharded_model_space (default)
-    # and fully_reshardable load into any TP/PP/DP layout; dp_reshardable saves fastest but
-    # only reloads with the same tensor and pipeline sizes.
-    optimizer_format: Literal[
-        "fully_sharded_model_space", "fully_reshardable", "dp_reshardable"
-    ] = "fully_sharded_model_space"
+    # How the ZeRO-1 optimizer state is laid out on disk. fully_reshardable (default) loads into
+    # any TP/PP/DP layout (state is gathered per data-parallel group while saving);
+    # dp_reshardable saves without that gather but reloads only with the same TP and PP.
+    # (megatron-core 0.16.1 refuses its older fully_sharded_model_space format.)
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
     keep_last: int = 0
 
 

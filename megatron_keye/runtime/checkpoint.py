@@ -7,9 +7,9 @@ Layout of `save_dir`:
 
 A checkpoint is written into `.tmp_iter_…`, renamed when every rank has finished, and only then
 does `latest` move, so a crash at any moment leaves the previous checkpoint loadable. It holds the
-model, the optimizer (in a fully reshardable format by default), the LR scheduler, per-rank RNG
+model, the optimizer (in megatron-core's `fully_reshardable` format by default), the LR scheduler, per-rank RNG
 states, the data loader's position, the iteration and the resolved config. Model weights load into
-any TP/PP/DP layout; so does the optimizer state in the `fully_*` formats; RNG states are restored
+any TP/PP/DP layout; so does the optimizer state in the `fully_reshardable` format; RNG states are restored
 only when the layout is unchanged (a new layout draws fresh streams, which is logged).
 """
 
@@ -30,11 +30,11 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_keye.config.schema import CheckpointConfig
+from megatron_keye.runtime.mcore_fallback import ensure_optimizer_state
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-_COMMON_KEYS = ("iteration", "scheduler", "data", "config", "layout", "counters")
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -80,7 +80,10 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------- saving
     def save(self, *, chunks, optimizer, state: TrainingState) -> Path:
-        """Write a checkpoint of this iteration and move `latest` to it (collective)."""
+        """Write a checkpoint of this iteration and move `latest` to it (collective).
+
+        `optimizer=None` writes weights only (what the HF importer produces).
+        """
         root = Path(self.config.save_dir)
         name = checkpoint_name(state.iteration)
         tmp, final = root / f".tmp_{name}", root / name
@@ -107,6 +110,7 @@ class Checkpointer:
             counters=state.counters or {},
             config=self.run_config,
             layout=self.layout,
+            has_optimizer=optimizer is not None,
         )
         dist_checkpointing.save(
             sharded, str(tmp), content_metadata={"distrib_optim_sharding_type": fmt}
@@ -135,6 +139,9 @@ class Checkpointer:
         if directory is None:
             raise FileNotFoundError(f"checkpoint.load: no checkpoint found at {path}")
         common = dist_checkpointing.load_common_state_dict(str(directory))
+        if not common.get("has_optimizer", True):
+            # A converted (e.g. imported from HF) checkpoint: weights only, training starts fresh.
+            weights_only = True
         same_layout = common.get("layout") == self.layout
         meta = dist_checkpointing.load_content_metadata(str(directory)) or {}
         fmt = meta.get("distrib_optim_sharding_type", self.config.optimizer_format)
@@ -146,10 +153,11 @@ class Checkpointer:
                 f"checkpoint {directory} stores its optimizer as dp_reshardable, which cannot "
                 f"load into a different tensor/pipeline layout ({common.get('layout')} -> "
                 f"{self.layout}); set checkpoint.load_weights_only=true or resave with "
-                f"checkpoint.optimizer_format=fully_sharded_model_space"
+                f"checkpoint.optimizer_format=fully_reshardable"
             )
         sharded = {"model": _model_sharded_state(chunks)}
         if load_optimizer:
+            ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 _flatten_model_state(sharded["model"]),
                 is_loading=True,

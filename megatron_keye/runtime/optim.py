@@ -175,3 +175,4 @@ def optimizer_state_bytes(megatron_optimizer) -> int:
         for group in getattr(part, "shard_fp32_from_float16_groups", []) or []:
             total += sum(p.numel() * p.element_size() for p in group)
     return total
+

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_keye.config.schema import ParallelConfig
 from megatron_keye.config.validation import data_parallel_size
-from megatron_keye.runtime import cpu_compat
+from megatron_keye.runtime import cpu_compat, mcore_fallback
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -100,6 +100,7 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cpu_compat.apply()
+    mcore_fallback.apply()
     if not dist.is_initialized():
         if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
             _env_from_slurm()

@@ -37,7 +37,7 @@ def run_workers(
         ctx.Process(
             target=_entry,
             args=(fn, rank, world_size, port, threads, env or {}, kwargs, results),
-            daemon=True,
+            daemon=False,  # dist_checkpointing starts a Manager process from each rank
         )
         for rank in range(world_size)
     ]
@@ -79,6 +79,10 @@ def _entry(fn, rank, world_size, port, threads, env, kwargs, results):
         OMP_NUM_THREADS=str(threads), **env,
     )
     torch.set_num_threads(threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         value = fn(**kwargs)
         buffer = io.BytesIO()

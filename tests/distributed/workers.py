@@ -187,3 +187,137 @@ def logits_worker(*, layout: dict, weights: dict, tokens: torch.Tensor):
     pieces = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(pieces, local.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(pieces, dim=-1).transpose(0, 1).contiguous()
+
+
+class StopAfter(Exception):
+    """Raised by a loader to stop a run abruptly after a given number of steps."""
+
+
+class _StoppingLoader(_DeferredLoader):
+    def __init__(self, global_batches, micro_batch, stop_after):
+        super().__init__(global_batches, micro_batch)
+        self.stop_after = stop_after
+
+    def next_step(self):
+        if self.stop_after is not None and self.step >= self.stop_after:
+            raise StopAfter(self.step)
+        return super().next_step()
+
+
+def train_run_worker(*, layout: dict, weights: dict | None, batches: list[dict], train_iters: int,
+                     save_dir: str | None = None, save_interval: int = 0, load: str | None = None,
+                     stop_after: int | None = None, extra: tuple[str, ...] = ()):
+    """Train with `Trainer.run()`; returns the per-step losses (stops early at `stop_after`)."""
+    from megatron.core import parallel_state
+
+    from megatron_keye.models.keye_vl.builder import load_full_state
+    from megatron_keye.runtime.trainer import Trainer
+
+    overrides = [f"schedule.train_iters={train_iters}",
+                 f"checkpoint.save_interval={save_interval}",
+                 "logging.log_interval=1000", *extra]
+    if save_dir:
+        overrides.append(f"checkpoint.save_dir={save_dir}")
+        overrides.append(f"logging.output_dir={save_dir}/logs")
+    else:
+        overrides.append("checkpoint.save_at_end=false")
+    if load:
+        overrides.append(f"checkpoint.load={load}")
+    config = tiny_config(layout, micro_batch=layout.get("micro_batch", 2), extra=tuple(overrides))
+    loader = _StoppingLoader(batches, config.schedule.micro_batch_size, stop_after)
+    trainer = Trainer(config, loader=loader)
+    trainer.setup()
+    loader.bind(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    start = trainer.iteration
+    if weights is not None and start == 0:
+        load_full_state(trainer.model, weights)
+        trainer.optimizer.reload_model_params()
+    losses = []
+    original_step = trainer.train_step
+
+    def recording_step(microbatches):
+        result = original_step(microbatches)
+        losses.append(result.loss)
+        return result
+
+    trainer.train_step = recording_step
+    try:
+        trainer.run()
+    except StopAfter:
+        pass
+    return {"start": start, "losses": losses, "iteration": trainer.iteration}
+
+
+def reshard_worker(*, layout: dict, weights: dict | None, batches: list[dict], save_dir: str | None,
+                   load: str | None):
+    """Optionally load, evaluate batch 1, train on batch 2, evaluate batch 3; save if asked.
+
+    When saving, the model first takes one step on batch 0 so the optimizer state is not empty.
+    """
+    from megatron_keye.models.keye_vl.builder import load_full_state
+
+    extra = [f"checkpoint.load={load}"] if load else []
+    if save_dir:
+        extra += [f"checkpoint.save_dir={save_dir}"]
+    config = tiny_config(layout, micro_batch=layout.get("micro_batch", 2), extra=tuple(extra))
+    trainer = build_trainer(config, batches, None)
+    if weights is not None and load is None:
+        load_full_state(trainer.model, weights)
+        trainer.optimizer.reload_model_params()
+        trainer.train_step(trainer.loader.next_step())  # batch 0
+        trainer.iteration = 1
+        trainer.save()
+    loader = trainer.loader
+    micro = lambda i: split_global_batch(batches[i], loader.dp_rank, loader.dp_size,  # noqa: E731
+                                         loader.micro_batch)
+    before, _ = trainer.evaluate(micro(1))
+    trainer.train_step(micro(2))
+    after, _ = trainer.evaluate(micro(3))
+    return {"eval_before": before, "eval_after": after, "iteration": trainer.iteration}
+
+
+def crash_during_save_worker(*, weights: dict, batches: list[dict], save_dir: str):
+    """Save at step 2, crash inside the step-3 save, then load what `latest` names."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_keye.runtime import checkpoint as ckpt_module
+
+    config = tiny_config({}, extra=(f"checkpoint.save_dir={save_dir}",))
+    trainer = build_trainer(config, batches, weights)
+    for _ in range(2):
+        trainer.train_step(trainer.loader.next_step())
+        trainer.iteration += 1
+    trainer.save()
+    saved_eval, _ = trainer.evaluate(split_global_batch(batches[1], 0, 1, 2))
+    trainer.train_step(trainer.loader.next_step())
+    trainer.iteration += 1
+    real_save = dist_checkpointing.save
+
+    def dying_save(state, directory, **kwargs):
+        # Write some real shard files, then die before the checkpoint is complete.
+        real_save(state, directory, **kwargs)
+        os.remove(os.path.join(directory, "metadata.json"))
+        raise RuntimeError("simulated crash during save")
+
+    ckpt_module.dist_checkpointing.save = dying_save
+    try:
+        trainer.save()
+        crashed = False
+    except RuntimeError:
+        crashed = True
+    finally:
+        ckpt_module.dist_checkpointing.save = real_save
+    listing = sorted(os.listdir(save_dir))
+    latest = open(os.path.join(save_dir, "latest")).read().strip()
+    # A new run (same process group) resumes from `latest`.
+    fresh = build_trainer(tiny_config({}, extra=(f"checkpoint.load={save_dir}",)), batches, None)
+    resumed_eval, _ = fresh.evaluate(split_global_batch(batches[1], 0, 1, 2))
+    # The next successful save clears the debris of the failed one.
+    fresh.iteration = 5
+    fresh.config.checkpoint.save_dir = save_dir
+    fresh.save()
+    return {"crashed": crashed, "listing": listing, "latest": latest,
+            "resumed_iteration": fresh.iteration, "saved_eval": saved_eval,
+            "resumed_eval": resumed_eval, "listing_after": sorted(os.listdir(save_dir))}

@@ -59,13 +59,22 @@ class StageShard:
     post_process: bool = True
 
 
-def hf_to_native(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full native state dict from a Qwen3ForCausalLM state dict (names checked both ways)."""
-    _check_hf_names(hf, model)
-    out = {native: hf[name] for native, name in _GLOBAL_DIRECT.items()}
+def hf_to_native(
+    hf: Mapping[str, torch.Tensor], model: ModelConfig, *, layers: range | None = None
+) -> dict[str, torch.Tensor]:
+    """Native state dict from a Qwen3ForCausalLM state dict.
+
+    With `layers=None` the whole model is converted and the names are checked both ways; with a
+    range, only those layers plus whichever of embedding/final norm/LM head are present (one
+    pipeline stage's share, read lazily from safetensors by the converter).
+    """
+    if layers is None:
+        _check_hf_names(hf, model)
+        layers = range(model.num_layers)
+    out = {native: hf[name] for native, name in _GLOBAL_DIRECT.items() if name in hf}
     groups, per_group = model.num_query_groups, model.num_attention_heads // model.num_query_groups
     hd, h = model.head_dim, model.hidden_size
-    for i in range(model.num_layers):
+    for i in layers:
         src, dst = f"model.layers.{i}.", f"{LAYER_PREFIX}{i}."
         for native, name in _LAYER_DIRECT.items():
             out[dst + native] = hf[src + name]
@@ -77,6 +86,25 @@ def hf_to_native(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str
             [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], 0
         )
     return out
+
+
+def hf_names_for_stage(model: ModelConfig, shard: StageShard) -> list[str]:
+    """The HF tensor names one pipeline stage needs."""
+    names = []
+    if shard.pre_process:
+        names.append(_GLOBAL_DIRECT["embedding.word_embeddings.weight"])
+    if shard.post_process:
+        names += [_GLOBAL_DIRECT["decoder.final_layernorm.weight"], _GLOBAL_DIRECT["output_layer.weight"]]
+    for i in range(shard.layer_offset, shard.layer_offset + shard.num_layers):
+        names += [f"model.layers.{i}.{n}" for n in _hf_layer_names()]
+    return names
+
+
+def _hf_layer_names() -> list[str]:
+    return list(_LAYER_DIRECT.values()) + [
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    ]
 
 
 def native_to_hf(native: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -217,11 +245,7 @@ def _localize(key: str, shard: StageShard) -> str | None:
 def _check_hf_names(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
     expected = set(_GLOBAL_DIRECT.values())
     for i in range(model.num_layers):
-        names = list(_LAYER_DIRECT.values()) + [
-            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-            "mlp.gate_proj.weight", "mlp.up_proj.weight",
-        ]
-        expected.update(f"model.layers.{i}.{n}" for n in names)
+        expected.update(f"model.layers.{i}.{n}" for n in _hf_layer_names())
     present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
