@@ -1,0 +1,125 @@
+"""`megatron-keye` command line: train, convert, config.
+
+    megatron-keye train --recipe tiny-cpu-text --nproc 4 --parallel.tensor=2 --parallel.pipeline=2
+    megatron-keye convert import --hf-dir HF --out CKPT --tensor 2 --pipeline 2
+    megatron-keye convert export --checkpoint CKPT --out HF --tokenizer DIR
+    megatron-keye config --recipe keye8b-stage3 --world-size 64   # resolve and validate only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from megatron_keye.logging_setup import configure_logging
+
+
+def split_recipe_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--recipe NAME` (or `--config PATH`) plus dotted `--section.field=value` overrides."""
+    recipe, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--recipe", "--config"):
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{arg} needs a value")
+            recipe, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(("--recipe=", "--config=")):
+            recipe = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" not in arg:  # --section.field value
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"{arg} needs a value")
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            overrides.append(arg[2:])
+        else:
+            raise SystemExit(f"unknown argument {arg!r}; overrides look like --section.field=value")
+        i += 1
+    return recipe, overrides
+
+
+def _train(argv: list[str]) -> int:
+    nproc = None
+    if argv and argv[0].startswith("--nproc"):
+        if "=" in argv[0]:
+            nproc, argv = int(argv[0].split("=", 1)[1]), argv[1:]
+        else:
+            nproc, argv = int(argv[1]), argv[2:]
+    if nproc and "RANK" not in os.environ:
+        # A single-node launch for laptops and tests; clusters use torchrun/srun directly.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={nproc}", "-m", "megatron_keye.train", *argv]
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+        return subprocess.call(command, env=env)
+    from megatron_keye.train import main as train_main
+
+    return train_main(argv)
+
+
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-keye convert")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("import", help="HF Qwen3ForCausalLM safetensors -> native checkpoint")
+    imp.add_argument("--hf-dir", required=True)
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--tensor", type=int, default=1)
+    imp.add_argument("--pipeline", type=int, default=1)
+    imp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    exp = sub.add_parser("export", help="native checkpoint -> HF safetensors + config.json")
+    exp.add_argument("--checkpoint", required=True, help="a checkpoint or a save dir (uses latest)")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--tokenizer", help="tokenizer directory to ship with the export")
+    exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args(argv)
+    from megatron_keye import convert
+
+    if args.direction == "import":
+        convert.import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline,
+                          precision=args.precision)
+        print(f"wrote native checkpoint to {args.out}")
+    else:
+        out = convert.export_hf(args.checkpoint, args.out, tokenizer_dir=args.tokenizer,
+                                dtype=args.dtype)
+        print(f"wrote Hugging Face model to {out}")
+    return 0
+
+
+def _config(argv: list[str]) -> int:
+    import yaml
+
+    from megatron_keye.config import config_to_dict, load_config, validate
+
+    world = None
+    if "--world-size" in argv:
+        i = argv.index("--world-size")
+        world, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
+    recipe, overrides = split_recipe_args(argv)
+    config = load_config(recipe, overrides)
+    if world is not None:
+        validate(config, world)
+    yaml.safe_dump(config_to_dict(config), sys.stdout, sort_keys=False)
+    return 0
+
+
+COMMANDS = {"train": _train, "convert": _convert, "config": _config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    configure_logging()
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValueError as err:  # ConfigError and friends: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
