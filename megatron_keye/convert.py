@@ -72,7 +72,11 @@ def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str) 
 def _import_rank(*, hf_dir: str, out_dir: str, tensor: int, pipeline: int, precision: str) -> None:
     from safetensors import safe_open
 
-    from megatron_keye.models.keye_vl.builder import build_model_chunks, load_full_state, stage_shard
+    from megatron_keye.models.keye_vl.builder import (
+        build_model_chunks,
+        load_full_state,
+        stage_shard,
+    )
     from megatron_keye.runtime.checkpoint import Checkpointer, TrainingState
     from megatron_keye.runtime.parallel import ParallelDims
 
@@ -173,6 +177,6 @@ def _safetensors_index(hf_dir: Path) -> dict[str, str]:
     index = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 index[name] = str(file)
     return index

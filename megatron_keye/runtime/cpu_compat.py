@@ -37,6 +37,7 @@ def apply() -> bool:
         _cuda_sync_and_seed_noops()
         _cuda_device_arguments_to_cpu()
         _cuda_type_names_for_optimizer_dispatch()
+        _one_rank_buffer_collectives_stay_local()
         _APPLIED = True
     return True
 
@@ -172,3 +173,30 @@ def _with_cuda_type_names(method):
             torch.Tensor.type = previous
 
     return wrapper
+
+
+def _one_rank_buffer_collectives_stay_local() -> None:
+    """Gradient reduce-scatter and parameter all-gather on a one-rank group become local copies.
+
+    megatron/core/distributed/param_and_grad_buffer.py:443 (gradient reduce-scatter) and :285
+    (parameter all-gather) run even when the data-parallel group has a single rank; gloo then
+    clones the whole gradient buffer every step (~100 MB for a 26M-parameter model). On one rank
+    both collectives are the identity: copy when output and input differ, else nothing.
+    Asynchronous calls (overlap_grad_reduce) go to gloo unchanged: their handles are awaited.
+    """
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    for name in ("dist_reduce_scatter_func", "dist_all_gather_func"):
+        setattr(buffers, name, _local_when_alone(getattr(buffers, name)))
+
+
+def _local_when_alone(collective):
+    @functools.wraps(collective)
+    def call(output, input, *args, group=None, async_op=False, **kwargs):
+        if not async_op and group is not None and group.size() == 1:
+            if output.data_ptr() != input.data_ptr() or output.shape != input.shape:
+                output.copy_(input)
+            return None
+        return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
+
+    return call

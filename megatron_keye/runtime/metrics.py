@@ -80,7 +80,7 @@ class MetricsSink:
             return
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a")
+        self.file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (lives as long as the run)
         self.wandb = _start_wandb(config, run_config)
 
     def log(self, step: int, metrics: dict, *, total_steps: int) -> None:

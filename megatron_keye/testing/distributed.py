@@ -8,6 +8,7 @@ Results travel as `torch.save` bytes, so tensors arrive intact after the child e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -93,7 +94,5 @@ def _entry(fn, rank, world_size, port, threads, env, kwargs, results):
     finally:
         from megatron_keye.runtime.parallel import shutdown
 
-        try:
+        with contextlib.suppress(Exception):
             shutdown()
-        except Exception:
-            pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -241,10 +244,8 @@ def train_run_worker(*, layout: dict, weights: dict | None, batches: list[dict],
         return result
 
     trainer.train_step = recording_step
-    try:
+    with contextlib.suppress(StopAfter):
         trainer.run()
-    except StopAfter:
-        pass
     return {"start": start, "losses": losses, "iteration": trainer.iteration}
 
 
@@ -310,7 +311,7 @@ def crash_during_save_worker(*, weights: dict, batches: list[dict], save_dir: st
     finally:
         ckpt_module.dist_checkpointing.save = real_save
     listing = sorted(os.listdir(save_dir))
-    latest = open(os.path.join(save_dir, "latest")).read().strip()
+    latest = Path(save_dir, "latest").read_text().strip()
     # A new run (same process group) resumes from `latest`.
     fresh = build_trainer(tiny_config({}, extra=(f"checkpoint.load={save_dir}",)), batches, None)
     resumed_eval, _ = fresh.evaluate(split_global_batch(batches[1], 0, 1, 2))

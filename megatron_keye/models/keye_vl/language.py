@@ -16,7 +16,6 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -24,6 +23,8 @@ from megatron_keye.config.schema import ModelConfig, ParallelConfig
 from megatron_keye.models.keye_vl.rope import MultimodalRotaryEmbedding
 from megatron_keye.models.keye_vl.specs import decoder_block_spec
 from megatron_keye.ops.attention.core import resolve_backend
+from megatron_keye.ops.attention.inputs import AttentionInputs
+from megatron_keye.ops.attention.rope import RotaryTables
 
 
 def transformer_config(
@@ -73,6 +74,9 @@ def transformer_config(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
+        # Take the activation from the layer spec (our in-place-backward SwiGLU); the TE spec
+        # builds TE's own fused SwiGLU from the same switch.
+        use_te_activation_func=True,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
@@ -105,6 +109,9 @@ class Qwen3LanguageModel(LanguageModule):
         backend = model.attention_backend if model.attention_backend == "te" else resolve_backend(
             model.attention_backend
         )
+        # Our core attention applies RoPE itself (tables computed once per forward pass); the TE
+        # spec's attention expects megatron's per-layer rotary embedding instead.
+        self.rope_in_core_attention = backend != "te"
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config,
@@ -146,21 +153,33 @@ class Qwen3LanguageModel(LanguageModule):
         attention_mask: torch.Tensor | None = None,
         *,
         decoder_input: torch.Tensor | None = None,
-        packed_seq_params: PackedSeqParams | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run this stage.
 
         input_ids [b, s] (first stage, unless `decoder_input` [s, b, h] is given),
-        position_ids [3, b, s]. Returns vocab-parallel logits [s, b, vocab/tp] on the last
-        stage and hidden states [s(/tp under SP), b, h] elsewhere.
+        position_ids [3, b, s], segments [b, s] (sample id per token for packed rows, optional).
+        Returns vocab-parallel logits [s, b, vocab/tp] on the last stage and hidden states
+        [s(/tp under SP), b, h] elsewhere.
         """
+        packed_seq_params = None
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
-        rotary = self.rotary_pos_emb(position_ids)
+        angles = self.rotary_pos_emb(position_ids)
+        rotary_pos_emb = None
+        if self.rope_in_core_attention:
+            packed_seq_params = AttentionInputs(
+                rotary=RotaryTables.from_angles(angles),
+                segments=segments,
+            )
+        else:
+            if segments is not None:
+                raise NotImplementedError("packed rows (segments) need the local attention spec")
+            rotary_pos_emb = angles
         hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,
-            rotary_pos_emb=rotary,
+            rotary_pos_emb=rotary_pos_emb,
             packed_seq_params=packed_seq_params,
         )
         if not self.post_process:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -23,10 +24,10 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_keye.ops.attention.core import CoreAttention
 from megatron_keye.ops.norm import RMSNorm
+from megatron_keye.ops.swiglu import SwiGLU
 
 # The local spec's norm parameters use TE's fused-linear names in checkpoints.
 _TE_COMPATIBLE_KEYS = {
@@ -36,7 +37,11 @@ _TE_COMPATIBLE_KEYS = {
 
 
 def local_layer_spec(*, attention_backend: str = "sdpa") -> ModuleSpec:
-    """A Qwen3 layer from megatron-core TP layers, our RMSNorm and our core attention."""
+    """A Qwen3 layer from megatron-core TP layers, our RMSNorm, SwiGLU and core attention.
+
+    The SwiGLU module is used when the TransformerConfig sets `use_te_activation_func`
+    (megatron-core's switch for taking the activation from the spec).
+    """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -57,7 +62,9 @@ def local_layer_spec(*, attention_backend: str = "sdpa") -> ModuleSpec:
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                    linear_fc1=ColumnParallelLinear,
+                    activation_func=SwiGLU,
+                    linear_fc2=RowParallelLinear,
                 ),
             ),
             mlp_bda=get_bias_dropout_add,

@@ -1,11 +1,12 @@
 """Core attention: the one module where attention math lives.
 
 It plugs into megatron-core's `SelfAttention` as the `core_attention` submodule of a layer spec,
-taking query [sq, b, heads, d] and key/value [sk, b, groups, d] (already rotated, tensor-parallel
-local heads) and returning [sq, b, heads * d]. Backends are chosen by config: `sdpa` (torch's
-scaled_dot_product_attention, every device) and, on GPUs, `flash` (flash-attn). Packed samples are
-described by `PackedSeqParams.cu_seqlens_q` over the flattened (batch, sequence) token order and
-never attend across a boundary. Context parallelism wraps these kernels here, in a later release.
+taking query [sq, b, heads, d] and key/value [sk, b, groups, d] (tensor-parallel-local heads)
+and returning [sq, b, heads * d]. Rotary embedding is applied here, from tables computed once
+per forward pass (`AttentionInputs.rotary`), fused with the layout change the kernel wants.
+Backends are chosen by config: `sdpa` (torch's scaled_dot_product_attention, every device) and,
+on GPUs, `flash` (flash-attn). Packed samples (`AttentionInputs.segments`) never attend across a
+boundary. Context parallelism will wrap these kernels here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_keye.ops.attention.inputs import AttentionInputs
 from megatron_keye.ops.attention.masks import segment_ids_from_cu_seqlens
+from megatron_keye.ops.attention.rope import rotate_to_bhsd
 
 BACKENDS = ("sdpa", "flash")
 
@@ -37,10 +40,11 @@ def resolve_backend(name: str) -> str:
             except ImportError:
                 return "sdpa"
         return "sdpa"
-    if name == "te":
-        raise ValueError("model.attention_backend='te' is served by the TE layer spec, not here")
     if name not in BACKENDS:
-        raise ValueError(f"model.attention_backend: unknown backend {name!r}; use auto|{'|'.join(BACKENDS)}")
+        raise ValueError(
+            f"model.attention_backend: {name!r} is not a core-attention backend; "
+            f"use auto|{'|'.join(BACKENDS)} (or 'te' for the TransformerEngine layer spec)"
+        )
     return name
 
 
@@ -84,30 +88,38 @@ class CoreAttention(MegatronModule):
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         sq, b, heads, dim = query.shape
-        segments = None
-        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+        rotary, segments = None, None
+        if isinstance(packed_seq_params, AttentionInputs):
+            rotary, segments = packed_seq_params.rotary, packed_seq_params.segments
+        elif packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
             segments = segment_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, sq)
+        # [s, b, h, d] -> [b, h, s, d], rotated when tables are given.
+        if rotary is not None:
+            q, k = rotate_to_bhsd(query, rotary), rotate_to_bhsd(key, rotary)
+        else:
+            q, k = query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
         dropout = self.dropout if self.training else 0.0
         # Dropout masks differ per tensor-parallel rank (they hold different heads).
         rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
         with rng:
-            out = self._attend(query, key, value, attention_mask, causal, segments, dropout)
-        return out.reshape(sq, b, heads * dim)
+            if self.backend == "flash":
+                from megatron_keye.ops.attention.flash import flash_attention
 
-    def _attend(self, query, key, value, attention_mask, causal, segments, dropout):
-        if self.backend == "flash":
-            from megatron_keye.ops.attention.flash import flash_attention
-
-            return flash_attention(query, key, value, causal=causal, segments=segments,
-                                   scale=self.softmax_scale, dropout=dropout)
-        return sdpa_attention(query, key, value, causal=causal, segments=segments,
-                              mask=attention_mask, scale=self.softmax_scale, dropout=dropout)
+                out = flash_attention(q, k, v, causal=causal, segments=segments,
+                                      scale=self.softmax_scale, dropout=dropout)
+            else:
+                out = sdpa_attention(q, k, v, causal=causal, segments=segments,
+                                     mask=attention_mask, scale=self.softmax_scale,
+                                     dropout=dropout)
+        # [b, h, s, d] -> [s, b, h * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
 
 def sdpa_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     *,
     causal: bool,
     scale: float,
@@ -115,19 +127,12 @@ def sdpa_attention(
     mask: torch.Tensor | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Attention with torch SDPA on [s, b, h, d] tensors; returns [sq, b, h, d].
+    """Attention with torch SDPA on [b, h, s, d] tensors (K/V may have fewer heads: GQA).
 
     `segments` [b, s] (sample id per token) restricts attention to the token's own sample;
     `mask` is megatron's boolean mask where True means "do not attend".
     """
-    q = query.permute(1, 2, 0, 3)
-    k = key.permute(1, 2, 0, 3)
-    v = value.permute(1, 2, 0, 3)
-    if k.size(1) != q.size(1):
-        # GQA: expanding K/V up front keeps SDPA on its fused CPU/GPU kernels.
-        repeat = q.size(1) // k.size(1)
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
+    gqa = k.size(1) != q.size(1)
     allowed = None
     if segments is not None:
         allowed = (segments[:, None, :, None] == segments[:, None, None, :])
@@ -137,7 +142,7 @@ def sdpa_attention(
     elif mask is not None:
         allowed = ~mask
     if allowed is not None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, scale=scale)
-    return out.permute(2, 0, 1, 3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                              scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout,
+                                          scale=scale, enable_gqa=gqa)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def flash_attention(query, key, value, *, causal: bool, scale: float, segments=None,
+def flash_attention(q, k, v, *, causal: bool, scale: float, segments=None,
                     dropout: float = 0.0) -> torch.Tensor:
-    """flash_attn_func on [s, b, h, d] inputs (GQA native); returns [sq, b, h, d]."""
+    """flash-attn on [b, h, s, d] inputs (GQA native); returns [b, h, sq, d]."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError as err:
@@ -15,18 +15,18 @@ def flash_attention(query, key, value, *, causal: bool, scale: float, segments=N
             "model.attention_backend='flash' needs the flash-attn package "
             "(pip install megatron-keye[gpu]); use 'sdpa' otherwise"
         ) from err
-    q, k, v = (t.transpose(0, 1).contiguous() for t in (query, key, value))  # [b, s, h, d]
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [b, s, h, d]
     if segments is None:
         out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=causal)
-        return out.transpose(0, 1)
+        return out.transpose(1, 2)
     b, s = segments.shape
-    flat_seg = segments.reshape(-1)
-    starts = torch.nonzero(torch.diff(flat_seg, prepend=flat_seg[:1] - 1)).flatten()
+    flat = segments.reshape(-1)
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
     cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    longest = int((cu[1:] - cu[:-1]).max())
     out = flash_attn_varlen_func(
         q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
-        v.reshape(b * s, *v.shape[2:]), cu, cu, max_len, max_len,
+        v.reshape(b * s, *v.shape[2:]), cu, cu, longest, longest,
         dropout_p=dropout, softmax_scale=scale, causal=causal,
     )
-    return out.view(b, s, *out.shape[1:]).transpose(0, 1)
+    return out.view(b, s, *out.shape[1:]).transpose(1, 2)
