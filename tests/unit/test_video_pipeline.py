@@ -1,0 +1,146 @@
+"""A synthetic video file end to end: slow frames at the cuts, sizes, tokens, patch rows, positions.
+
+The clip is 2 fps, so every frame is sampled (int(30/2*2) = 30) and timestamps are i * 0.5 s.
+Scenes start at frames 0, 9, 16 and 24 (static, fading, static, fading), 224 x 320 pixels.
+Budget: estimate(768) = 4*768 + 26*230 = 9052 tokens, under 65536, so the cap stays 768:
+slow = smart_resize(224, 320, 28, 37632, 602112) = 224 x 308 (round(320/28 = 11.43) = 11 -> 308),
+8 x 11 = 88 tokens; fast cap max(int(88*0.3) = 26 tokens, 48 tokens) = 37632 px:
+beta = sqrt(71680/37632) = 1.38013 -> floor(5.80) = 5 -> 140, floor(8.28) = 8 -> 224, 5 x 8 = 40 tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_keye.data.slowfast import slow_frame_indices
+from megatron_keye.data.synthetic_media import Scene, write_video
+from megatron_keye.data.templates import render_chat
+from megatron_keye.data.tokenizer import KeyeTokenizer
+from megatron_keye.data.video import decord_available
+from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.video_pipeline import load_video, video_pixel_values
+from megatron_keye.data.vision_tokens import (
+    expand_vision_placeholders,
+    merge_thw,
+    mrope_position_ids,
+    video_frame_token_ids,
+    video_token_ids,
+)
+
+SCENES = [
+    Scene(num_frames=9, seed=21),
+    Scene(num_frames=7, seed=22, motion="fade"),
+    Scene(num_frames=8, seed=23),
+    Scene(num_frames=6, seed=24, motion="fade"),
+]
+CUTS = [0, 9, 16, 24]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    info = write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", scenes=SCENES, fps=2)
+    assert list(info.scene_starts) == CUTS and info.num_frames == 30
+    return info
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return KeyeTokenizer.default()
+
+
+BACKENDS = ["pyav"] + (["decord"] if decord_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_frames_are_the_cuts_and_sizes_follow_the_budget(clip, backend):
+    sample = load_video(clip.path.read_bytes(), config=VideoConfig(backend=backend), key="clip")
+    assert sample.num_frames == 30
+    assert sample.timestamps.tolist() == [i * 0.5 for i in range(30)]
+    assert slow_frame_indices(sample.frame_types) == CUTS
+    assert (sample.num_slow, sample.num_fast) == (4, 26)
+    budget = sample.budget
+    assert budget.token_limit == 768
+    assert (budget.slow_height, budget.slow_width, budget.slow_tokens) == (224, 308, 88)
+    assert (budget.fast_height, budget.fast_width, budget.fast_tokens) == (140, 224, 40)
+    assert sample.num_vision_tokens == 4 * 88 + 26 * 40
+    grids = sample.frame_grids()
+    assert grids[0].tolist() == [1, 16, 22] and grids[1].tolist() == [1, 10, 16]
+    # Processor form: adjacent equal rows merged.
+    assert merge_thw(grids).tolist() == [
+        [1, 16, 22],
+        [8, 10, 16],
+        [1, 16, 22],
+        [6, 10, 16],
+        [1, 16, 22],
+        [7, 10, 16],
+        [1, 16, 22],
+        [5, 10, 16],
+    ]
+
+
+def test_paper_threshold_keeps_the_cuts_on_this_clip(clip):
+    sample = load_video(clip.path, config=VideoConfig.paper())
+    assert slow_frame_indices(sample.frame_types) == CUTS
+
+
+def test_patch_rows_per_frame(clip):
+    sample = load_video(clip.path)
+    pixels, grids = video_pixel_values(sample)
+    assert pixels.shape == (4 * 16 * 22 + 26 * 10 * 16, 3, 14, 14)
+    assert pixels.dtype == torch.float32 and pixels.min() >= -1.0 and pixels.max() <= 1.0
+    assert grids.tolist() == sample.frame_grids().tolist()
+    # Frame 1 (fast) starts right after frame 0's 352 rows; both are the frames resized.
+    frame1 = torch.nn.functional.interpolate(
+        sample.frames[1:2], [140, 224], mode="bilinear", antialias=True
+    )
+    expected = (frame1[0, :, :14, :14].float() / 255 - 0.5) / 0.5
+    assert torch.equal(pixels[352], expected)
+
+
+def test_emitted_token_sequence(clip, tokenizer):
+    sample = load_video(clip.path)
+    ids = video_token_ids(
+        sample.frame_grids(),
+        fast=[not s for s in sample.is_slow()],
+        timestamps=sample.timestamps,
+        tokenizer=tokenizer,
+    )
+    text = "<|vision_start|>"
+    for index in range(30):
+        text += f"<|frame|>{index * 0.5:.1f}"
+        if index in CUTS:
+            text += "<|video_pad|>" * 88
+        else:
+            text += "<|fast_start|>" + "<|video_pad|>" * 40 + "<|fast_end|>"
+    text += "<|vision_end|>"
+    assert ids == tokenizer.encode(text)
+    assert ids.count(tokenizer.vision.video_pad) == sample.num_vision_tokens
+    assert ids.count(tokenizer.vision.frame) == 30
+    assert ids.count(tokenizer.vision.fast_start) == ids.count(tokenizer.vision.fast_end) == 26
+
+
+def test_chat_sample_tokens_and_positions(clip, tokenizer):
+    sample = load_video(clip.path)
+    messages = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": "A cow runs."},
+    ]
+    frames = video_frame_token_ids(
+        sample.frame_grids(),
+        fast=[not s for s in sample.is_slow()],
+        timestamps=sample.timestamps,
+        tokenizer=tokenizer,
+    )
+    ids = expand_vision_placeholders(
+        tokenizer.encode(render_chat(messages)), video_frames=[frames], ids=tokenizer.vision
+    )
+    positions = mrope_position_ids(
+        ids, video_frame_grids=sample.frame_grids(), ids=tokenizer.vision
+    )
+    assert positions.shape == (3, len(ids))
+    pads = torch.tensor(ids) == tokenizer.vision.video_pad
+    # Text positions advance by one; each frame block adds max(h', w') (11 slow, 8 fast).
+    text_tokens = len(ids) - int(pads.sum())
+    assert int(positions.max()) + 1 == text_tokens + 4 * 11 + 26 * 8
+    assert (positions[0][pads] == positions[0][pads].cummax(0).values).all()
