@@ -3,7 +3,8 @@
     megatron-keye train --recipe tiny-cpu-text --nproc 4 --parallel.tensor=2 --parallel.pipeline=2
     megatron-keye convert import --hf-dir HF --out CKPT --tensor 2 --pipeline 2
     megatron-keye convert export --checkpoint CKPT --out HF --tokenizer DIR
-    megatron-keye config --recipe keye8b-stage3 --world-size 64   # resolve and validate only
+    megatron-keye config --recipe tiny-cpu-text --world-size 4   # resolve and validate only
+    megatron-keye demo                                            # the CPU demo (make demo)
 """
 
 from __future__ import annotations
@@ -104,7 +105,13 @@ def _config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "convert": _convert, "config": _config}
+def _demo(argv: list[str]) -> int:
+    from megatron_keye.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,9 @@ _NOISE = (
     ".*reduce_scatter_tensor. is deprecated.*",
     ".*all_gather_into_tensor. is deprecated.*",
     ".*The .grad attribute of a Tensor that is not a leaf Tensor.*",
+    # torch.distributed.checkpoint deprecations reached through megatron-core 0.16.1
+    ".*`load_state_dict` is deprecated and will be removed.*",
+    ".*Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
 
 

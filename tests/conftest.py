@@ -1,9 +1,5 @@
-"""Test-wide settings: quiet third-party warnings, deterministic single-threaded math."""
-
-import warnings
+"""Test-wide settings: deterministic single-threaded math in the test process."""
 
 import torch
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 torch.set_num_threads(1)

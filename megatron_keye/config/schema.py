@@ -74,6 +74,9 @@ class ScheduleConfig:
     micro_batch_size: int = 1
     warmup_iters: int = 10
     decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    # Stop (after saving) once this iteration is reached, leaving the LR schedule as planned for
+    # train_iters; e.g. a slurm job that resumes in its next allocation. 0 = never.
+    exit_at_iteration: int = 0
     # Length of the final decay phase under `wsd` (warmup-stable-decay).
     wsd_decay_iters: int = 0
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"

@@ -128,7 +128,7 @@ def build_text_dataset(config: DataConfig) -> TokenSequenceDataset:
         documents = list(read_jsonl_texts(config.path))
     else:
         raise ValueError(f"data.kind: {config.kind!r} is not a text corpus")
-    eod = tokenizer.eos_id if hasattr(tokenizer, "eos_id") else tokenizer.special_token_id("<|endoftext|>")
+    eod = tokenizer.special_token_id("<|endoftext|>")
     stream: list[int] = []
     for doc in documents:
         stream.extend(tokenizer.encode(doc))

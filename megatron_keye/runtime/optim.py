@@ -125,12 +125,14 @@ def build_scheduler(
 ) -> OptimizerParamScheduler:
     """Warmup then cosine/linear/constant/WSD decay, stepped once per iteration.
 
-    It also applies weight decay per group (`wd_mult`), so norms and biases are never decayed.
+    Warmup rises linearly from lr/(warmup+1) so the very first update is not wasted at lr 0
+    (megatron's default starts at 0). The scheduler also applies weight decay per group
+    (`wd_mult`), so norms and biases are never decayed.
     """
     decay_steps = max(schedule.train_iters, schedule.warmup_iters + 1)
     return OptimizerParamScheduler(
         megatron_optimizer,
-        init_lr=0.0 if schedule.warmup_iters > 0 else optimizer.lr,
+        init_lr=optimizer.lr / (schedule.warmup_iters + 1),
         max_lr=optimizer.lr,
         min_lr=optimizer.min_lr,
         lr_warmup_steps=schedule.warmup_iters,

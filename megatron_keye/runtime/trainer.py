@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_keye.config import config_to_dict, validate
+from megatron_keye.config import config_to_dict, num_microbatches, validate
 from megatron_keye.config.schema import TrainConfig
 from megatron_keye.heads import LossHead, build_loss_head
 from megatron_keye.heads.base import report_entry
@@ -109,7 +109,26 @@ class Trainer:
         self._flops_per_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self._peak = None
         self._maybe_load()
+        self._log_summary()
         return self
+
+    def _log_summary(self) -> None:
+        local = sum(p.numel() for m in self.model for p in m.parameters())
+        trainable = sum(p.numel() for m in self.model for p in m.parameters() if p.requires_grad)
+        counts = torch.tensor([local, trainable], dtype=torch.float64)
+        # Every parameter lives on exactly one (tensor, pipeline) rank of data-parallel rank 0.
+        if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
+            counts.zero_()
+        dist.all_reduce(counts)
+        if dist.get_rank() == 0:
+            cfg = self.config
+            log.info(
+                "model %s: %.2fM parameters (%.2fM trainable) | layout %s | %d micro-batches of "
+                "%d x %d tokens per rank per step | starting at iteration %d of %d",
+                cfg.model.flavor, counts[0].item() / 1e6, counts[1].item() / 1e6, self.layout(),
+                num_microbatches(cfg, self.dims.world_size), cfg.schedule.micro_batch_size, cfg.data.seq_length, self.iteration,
+                cfg.schedule.train_iters,
+            )
 
     def layout(self) -> dict:
         """The parallel layout, stored with checkpoints."""
@@ -246,18 +265,24 @@ class Trainer:
         cfg = self.config
         history = []
         last_saved = self.iteration if self._loaded_from is not None else None
+        stop = cfg.schedule.train_iters
+        if cfg.schedule.exit_at_iteration:
+            stop = min(stop, cfg.schedule.exit_at_iteration)
         try:
-            while self.iteration < cfg.schedule.train_iters:
+            while self.iteration < stop:
                 result = self.train_step(self.loader.next_step())
                 self.iteration += 1
                 history.append(result)
                 self._account(result)
-                if self.iteration % cfg.logging.log_interval == 0 or not result.applied:
+                if (self.iteration % cfg.logging.log_interval == 0 or not result.applied
+                        or len(history) == 1):
                     self._log(result)
                 if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                     self.save()
                     last_saved = self.iteration
-            if cfg.checkpoint.save_at_end and cfg.checkpoint.save_dir and last_saved != self.iteration:
+            if cfg.checkpoint.save_dir and last_saved != self.iteration and (
+                cfg.checkpoint.save_at_end or self.iteration < cfg.schedule.train_iters
+            ):
                 self.save()
         finally:
             self.metrics.close()

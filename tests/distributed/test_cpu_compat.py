@@ -1,0 +1,49 @@
+"""Each CPU shim does its one job, and nothing more (run in a fresh one-rank world)."""
+
+from __future__ import annotations
+
+from megatron_keye.testing.distributed import run_workers
+
+
+def shim_worker():
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import param_and_grad_buffer
+
+    from megatron_keye.runtime import cpu_compat
+    from megatron_keye.runtime.parallel import ParallelDims
+
+    ParallelDims().initialize(seed=3)
+    out = {"applied": cpu_compat.is_applied()}
+    out["current_device"] = str(torch.cuda.current_device())
+    out["cuda_factory"] = str(torch.zeros(2, device="cuda").device)
+    out["to_cuda"] = str(torch.ones(1).to("cuda").device)
+    out["cuda_method"] = str(torch.ones(1).cuda().device)
+    # The CUDA type names only appear inside megatron's optimizer constructors.
+    out["type_outside"] = torch.ones(1).type()
+    # The TP RNG tracker forks a separate stream and restores the default one.
+    torch.manual_seed(0)
+    expected_default = torch.rand(3)
+    torch.manual_seed(0)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        forked = torch.rand(3)
+    out["default_restored"] = torch.equal(torch.rand(3), expected_default)
+    out["forked_differs"] = not torch.equal(forked, expected_default)
+    # One-rank buffer collectives are local copies.
+    group = parallel_state.get_data_parallel_group()
+    src, dst = torch.arange(6.0), torch.zeros(6)
+    handle = param_and_grad_buffer.dist_reduce_scatter_func(dst, src, group=group)
+    out["reduce_scatter_local"] = handle is None and torch.equal(dst, src)
+    out["world"] = dist.get_world_size()
+    return out
+
+
+def test_cpu_shims():
+    (r,) = run_workers(shim_worker, 1)
+    assert r["applied"] and r["world"] == 1
+    assert r["current_device"] == "cpu"
+    assert r["cuda_factory"] == r["to_cuda"] == r["cuda_method"] == "cpu"
+    assert r["type_outside"] == "torch.FloatTensor"
+    assert r["default_restored"] and r["forked_differs"]
+    assert r["reduce_scatter_local"]
