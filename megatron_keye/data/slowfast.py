@@ -11,12 +11,15 @@ becomes slow and the new reference; any other frame (NaN included) is fast.
 The arithmetic is the reference's, in the same float32 order (unit vectors = patch / (norm + 1e-8),
 cosine = sum of their elementwise product, share = float32 count ratio compared with the threshold
 in double precision), so borderline frames fall the same way. What is different is the schedule:
-HSV and unit vectors are computed once per frame, in chunks of frames, and the latest slow frame is
-compared with a whole chunk in one batched product; only the choice of the next slow frame is
-sequential.
+resizing, HSV and unit vectors are computed once per frame, a chunk of frames at a time with
+batched tensor ops (the reference converts both frames of every pair again), and only the cheap
+key-versus-frame product runs per frame. Frames may come from a `FrameSource` that is still
+decoding: each chunk waits only for its own frames.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -30,6 +33,28 @@ _NORM_EPSILON = 1e-8
 _DARK_NORM = 0.01
 
 
+class FrameSource(Protocol):
+    """Frames that become available in order (a `video.VideoStream` is one)."""
+
+    @property
+    def num_frames(self) -> int: ...
+
+    def wait_for(self, count: int) -> torch.Tensor:
+        """uint8 [N, 3, H, W] with at least frames [0, count) valid."""
+        ...
+
+
+class _ReadyFrames:
+    """A tensor of frames seen as a FrameSource."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames = frames
+        self.num_frames = frames.shape[0]
+
+    def wait_for(self, count: int) -> torch.Tensor:
+        return self.frames
+
+
 def similarity_size(height: int, width: int, *, config: VideoConfig) -> tuple[int, int]:
     """(h, w) at which frames are compared: smart_resize to 48..256 tokens (reference constants)."""
     return smart_resize(
@@ -41,23 +66,40 @@ def similarity_size(height: int, width: int, *, config: VideoConfig) -> tuple[in
     )
 
 
-def patch_unit_vectors(hsv: torch.Tensor, *, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HSV uint8 [N, 3, h, w] -> (unit vectors float32 [N, P, 3*p*p], dark mask bool [N, P]).
-
-    Patches are taken in raster order, each flattened as (channel, row, column) like the reference's
-    `rearrange("c (h p1) (w p2) -> h w (c p1 p2)")`. A patch is dark when its norm (+1e-8) < 0.01,
-    i.e. when it is all zeros.
-    """
-    frames, channels, height, width = hsv.shape
+def to_patches(images: torch.Tensor, *, patch_size: int) -> torch.Tensor:
+    """[N, C, h, w] -> [N, gh, gw, C, p, p] (contiguous): raster patches, (channel, row, column)."""
+    frames, channels, height, width = images.shape
     gh, gw = height // patch_size, width // patch_size
-    patches = torch.empty((frames, gh, gw, channels, patch_size, patch_size), dtype=torch.float32)
-    patches.permute(0, 3, 1, 4, 2, 5).copy_(
-        hsv.reshape(frames, channels, gh, patch_size, gw, patch_size)
-    )
-    patches = patches.view(frames, gh * gw, channels * patch_size * patch_size)
+    blocks = images.reshape(frames, channels, gh, patch_size, gw, patch_size)
+    return blocks.permute(0, 2, 4, 1, 3, 5).contiguous()
+
+
+def patch_unit_vectors(
+    hsv_patches: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSV uint8 patches [N, gh, gw, 3, p, p] -> (unit vectors float32 [N, P, 3*p*p], dark [N, P]).
+
+    Each patch vector is (channel, row, column) like the reference's
+    `rearrange("c (h p1) (w p2) -> h w (c p1 p2)")`, in raster patch order. A patch is dark when its
+    norm (+1e-8) is below 0.01, i.e. when it is all zeros.
+    """
+    frames, gh, gw = hsv_patches.shape[:3]
+    patches = hsv_patches.reshape(frames, gh * gw, -1).to(torch.float32)
     norms = torch.norm(patches, p=2, dim=-1, keepdim=True) + _NORM_EPSILON
     dark = norms.squeeze(-1) < _DARK_NORM
     return patches.div_(norms), dark
+
+
+def frame_unit_vectors(
+    frames: torch.Tensor, *, size: tuple[int, int], patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 RGB frames [N, 3, H, W] -> unit patch vectors and dark masks at comparison `size`.
+
+    HSV is per pixel, so the RGB pixels are first regrouped into patches (a uint8 copy) and the
+    conversion writes the patch layout directly; only then is anything widened to float.
+    """
+    resized = resize_uint8(frames, *size)
+    return patch_unit_vectors(rgb_to_hsv(to_patches(resized, patch_size=patch_size)))
 
 
 def similarity_to_key(
@@ -83,8 +125,9 @@ def frame_similarity(
 ) -> float:
     """Similarity of two uint8 frames [3, h, w] already at comparison size (reference semantics)."""
     config = config or VideoConfig()
-    units, dark = patch_unit_vectors(
-        rgb_to_hsv(torch.stack((frame_a, frame_b))), patch_size=config.similarity_patch_size
+    pair = torch.stack((frame_a, frame_b))
+    units, dark = frame_unit_vectors(
+        pair, size=tuple(pair.shape[2:]), patch_size=config.similarity_patch_size
     )
     return float(
         similarity_to_key(
@@ -98,10 +141,10 @@ def frame_similarity(
 
 
 class _ChunkedUnitVectors:
-    """Unit patch vectors of frames [start, end) computed on demand, a chunk of frames at a time."""
+    """Unit patch vectors of frames [start, end), computed a chunk of frames at a time."""
 
-    def __init__(self, frames: torch.Tensor, *, size: tuple[int, int], config: VideoConfig):
-        self._frames = frames
+    def __init__(self, source: FrameSource, *, size: tuple[int, int], config: VideoConfig):
+        self._source = source
         self._size = size
         self._config = config
         self.start = 0
@@ -110,55 +153,55 @@ class _ChunkedUnitVectors:
         self.dark = torch.empty(0, dtype=torch.bool)
 
     def load_from(self, first: int) -> None:
-        last = min(first + self._config.similarity_chunk_frames, self._frames.shape[0])
-        resized = resize_uint8(self._frames[first:last], *self._size)
-        self.units, self.dark = patch_unit_vectors(
-            rgb_to_hsv(resized), patch_size=self._config.similarity_patch_size
+        last = min(first + self._config.similarity_chunk_frames, self._source.num_frames)
+        frames = self._source.wait_for(last)[first:last]
+        self.units, self.dark = frame_unit_vectors(
+            frames, size=self._size, patch_size=self._config.similarity_patch_size
         )
         self.start, self.end = first, last
 
 
-def classify_slow_fast(frames: torch.Tensor, *, config: VideoConfig | None = None) -> torch.Tensor:
+def classify_slow_fast(
+    frames: torch.Tensor | FrameSource, *, config: VideoConfig | None = None
+) -> torch.Tensor:
     """Frame types of uint8 frames [N, 3, H, W]: int32 [N], 0 = slow, 1 = fast (as the reference).
 
     Frames are compared with the latest slow frame at `similarity_size`; the first is always slow.
+    `frames` may be a tensor or a FrameSource still being decoded.
     """
     config = config or VideoConfig()
-    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
-        raise ValueError(
-            f"classify_slow_fast expects uint8 frames [N, 3, H, W], got {frames.dtype} "
-            f"{tuple(frames.shape)}"
-        )
-    num_frames = frames.shape[0]
+    source = _ReadyFrames(frames) if isinstance(frames, torch.Tensor) else frames
+    num_frames = source.num_frames
     types = torch.full((num_frames,), FAST, dtype=torch.int32)
     if num_frames == 0:
         return types
+    first = source.wait_for(1)
+    if first.dtype != torch.uint8 or first.dim() != 4 or first.shape[1] != 3:
+        raise ValueError(
+            f"classify_slow_fast expects uint8 frames [N, 3, H, W], got {first.dtype} "
+            f"{tuple(first.shape)}"
+        )
     types[0] = SLOW
-    size = similarity_size(frames.shape[2], frames.shape[3], config=config)
-    chunk = _ChunkedUnitVectors(frames, size=size, config=config)
+    size = similarity_size(first.shape[2], first.shape[3], config=config)
+    chunk = _ChunkedUnitVectors(source, size=size, config=config)
     chunk.load_from(0)
     key_units, key_dark = chunk.units[0], chunk.dark[0]
-    position = 1
-    while position < num_frames:
+    # The reference compares a Python float (the float32 share) with the threshold: double.
+    threshold = config.frame_similarity_threshold
+    for position in range(1, num_frames):
         if position >= chunk.end:
             chunk.load_from(position)
         offset = position - chunk.start
-        shares = similarity_to_key(
+        share = similarity_to_key(
             key_units,
             key_dark,
-            chunk.units[offset:],
-            chunk.dark[offset:],
+            chunk.units[offset : offset + 1],
+            chunk.dark[offset : offset + 1],
             patch_threshold=config.patch_similarity_threshold,
         )
-        # The reference compares a Python float (the float32 share) with the threshold: double.
-        below = (shares.to(torch.float64) < config.frame_similarity_threshold).nonzero()
-        if below.numel() == 0:
-            position = chunk.end
-            continue
-        slow_offset = offset + int(below[0, 0])
-        types[chunk.start + slow_offset] = SLOW
-        key_units, key_dark = chunk.units[slow_offset].clone(), chunk.dark[slow_offset].clone()
-        position = chunk.start + slow_offset + 1
+        if float(share[0]) < threshold:
+            types[position] = SLOW
+            key_units, key_dark = chunk.units[offset].clone(), chunk.dark[offset].clone()
     return types
 
 

@@ -4,22 +4,20 @@ Sampling follows keye-vl-utils 1.5.2 (`smart_nframes`): fps = min(config.fps, vi
 cap of int(total_pixels / min_pixels) (1365 by default), indices
 `torch.linspace(0, n - 1, nframes).round()` and timestamps index / fps in seconds.
 
-Both backends return the same frames bit for bit. decord numbers frames by sorting the stream's
-packets by pts; the PyAV path does the same, decodes sequentially (no approximate time seeks) and
-keeps the frames whose pts are wanted. For codecs where it is safe it asks the decoder to skip
-non-reference frames that are not wanted (nothing else depends on them), which removes a large
-share of the decoding work without changing a single decoded pixel; if a wanted frame does not come
-out, it decodes again without skipping. Errors (not a video, truncated, no frames, a decoder that
-never returns) raise `VideoDecodeError` naming the input.
+Both backends (`video_backends.py`) return the same frames bit for bit. Frames are decoded in a
+background thread into one buffer and become available in order (`VideoStream.wait_for`), so
+SlowFast classification runs on the first frames while later ones are still being decoded;
+`decode_video` simply waits for all of them. Errors (not a video, truncated, no frames, a decoder
+that stops making progress) raise `VideoDecodeError` naming the input.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,12 +26,10 @@ import numpy as np
 import torch
 
 from megatron_keye.data.image import describe_source
+from megatron_keye.data.video_backends import BackendError, open_reader
 from megatron_keye.data.video_config import VideoConfig
 
 T = TypeVar("T")
-
-# Decoders for which AVDISCARD_NONREF drops only frames no other frame predicts from.
-_SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
 
 
 class VideoDecodeError(ValueError):
@@ -174,159 +170,185 @@ def _call_with_timeout(function: Callable[[], T], timeout: float | None, what: s
     return outcome["value"]  # type: ignore[return-value]
 
 
-def _open_source(source: str | os.PathLike | bytes) -> str | io.BytesIO:
-    return io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
+class _FrameBuffer:
+    """Frames [N, H, W, 3] written by the decoder thread; readers wait for a filled prefix."""
 
+    def __init__(self, count: int):
+        self.count = count
+        self.frames: torch.Tensor | None = None
+        self._filled = [False] * count
+        self.ready = 0  # frames [0, ready) are filled
+        self.condition = threading.Condition()
+        self.error: BaseException | None = None
+        self.finished = False
 
-def _probe_decord(source, threads: int):
-    import decord
+    def has(self, slot: int) -> bool:
+        return self._filled[slot]
 
-    reader = decord.VideoReader(_open_source(source), ctx=decord.cpu(0), num_threads=threads)
-    return reader, len(reader), float(reader.get_avg_fps())
-
-
-def _read_decord(reader, indices: list[int]) -> torch.Tensor:
-    batch = reader.get_batch(indices)
-    frames = torch.utils.dlpack.from_dlpack(batch.to_dlpack())
-    if frames.dim() != 4 or frames.shape[-1] != 3:
-        # decord returns malformed frames for videos rotated by 90/270 degrees.
-        raise VideoDecodeError(f"decord returned frames of shape {tuple(frames.shape)}")
-    return frames
-
-
-class _PyAVVideo:
-    """One video stream read with PyAV, numbering frames as decord does (packets sorted by pts)."""
-
-    def __init__(self, source, threads: int):
-        import av
-
-        self._av = av
-        self._source = source
-        self._threads = threads
-        container = self._open()
-        try:
-            stream = container.streams.best("video")
-            if stream is None:
-                raise VideoDecodeError("the file has no video stream")
-            self.stream_index = stream.index
-            rate = stream.average_rate
-            self.fps = float(rate) if rate else float("nan")
-            self.codec_name = stream.codec_context.name
-            pts = [
-                packet.pts
-                for packet in container.demux(stream)
-                if not (packet.size == 0 and packet.pts is None and packet.dts is None)
-            ]
-        finally:
-            container.close()
-        self.total_frames = len(pts)
-        self.pts_valid = all(p is not None for p in pts) and len(set(pts)) == len(pts)
-        self.sorted_pts = sorted(pts) if self.pts_valid else []
-        self.frames_decoded = 0  # frames the decoder produced in the last read (diagnostics)
-
-    def _open(self):
-        source = self._source
-        if isinstance(source, bytes):
-            return self._av.open(io.BytesIO(source), mode="r")
-        return self._av.open(os.fspath(source), mode="r")
-
-    def read(self, indices: list[int]) -> torch.Tensor:
-        """Decode the frames at `indices` (sorted, unique) into uint8 [N, H, W, 3]."""
-        skip = self.pts_valid and self.codec_name in _SKIP_NONREF_CODECS
-        frames = self._decode(indices, skip_unwanted=skip)
-        if frames is None and skip:
-            frames = self._decode(indices, skip_unwanted=False)
-        if frames is None:
-            raise VideoDecodeError(
-                f"could not decode all {len(indices)} wanted frames of {self.total_frames}"
+    def put(self, slot: int, image: torch.Tensor) -> None:
+        with self.condition:
+            if self.frames is None:
+                self.frames = torch.empty((self.count, *image.shape), dtype=torch.uint8)
+            target = self.frames
+        if tuple(image.shape) != tuple(target.shape[1:]):
+            raise BackendError(
+                f"frame {slot} has shape {tuple(image.shape)}, the first {tuple(target.shape[1:])}"
             )
-        return frames
+        # A plain memcpy: torch's copy_ would wake its OpenMP pool, whose spinning threads take
+        # CPU from the decoders.
+        np.copyto(target[slot].numpy(), image.numpy())
+        with self.condition:
+            self._filled[slot] = True
+            while self.ready < self.count and self._filled[self.ready]:
+                self.ready += 1
+            self.condition.notify_all()
 
-    def _decode(self, indices: list[int], *, skip_unwanted: bool) -> torch.Tensor | None:
-        wanted_by_key: dict[int, int] = {}
-        for slot, index in enumerate(indices):
-            key = self.sorted_pts[index] if self.pts_valid else index
-            wanted_by_key[key] = slot
-        out: np.ndarray | None = None
-        ordinal = 0
-        container = self._open()
+    def close(self, error: BaseException | None) -> None:
+        with self.condition:
+            self.error = error
+            self.finished = True
+            self.condition.notify_all()
+
+
+class VideoStream:
+    """The sampled frames of one video, decoded in a background thread.
+
+    `wait_for(k)` returns the frames tensor [N, 3, H, W] once frames [0, k) are decoded;
+    `result()` waits for all of them. Metadata (indices, timestamps, fps) is known at once.
+    """
+
+    def __init__(self, *, name: str, reader, indices: torch.Tensor, config: VideoConfig):
+        self.name = name
+        self.indices = indices
+        self.video_fps = reader.fps
+        self.total_frames = reader.total_frames
+        self.timestamps = frame_timestamps(indices, reader.fps)
+        self.backend = reader.name
+        self._config = config
+        self._buffer = _FrameBuffer(len(indices))
+        self._deadline = (
+            None
+            if config.decode_timeout_seconds is None
+            else time.monotonic() + config.decode_timeout_seconds
+        )
+        self._thread = threading.Thread(
+            target=self._decode, args=(reader,), name="megatron-keye-video-decode", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+    def _decode(self, reader) -> None:
+        error: BaseException | None = None
         try:
-            stream = container.streams.video[self._stream_position(container)]
-            stream.thread_type = "AUTO"
-            stream.thread_count = self._threads
-            codec = stream.codec_context
-            for packet in container.demux(stream):
-                if skip_unwanted:
-                    codec.skip_frame = "DEFAULT" if packet.pts in wanted_by_key else "NONREF"
-                for frame in packet.decode():
-                    key = frame.pts if self.pts_valid else ordinal
-                    ordinal += 1
-                    self.frames_decoded = ordinal
-                    slot = wanted_by_key.get(key)
-                    if slot is None:
-                        continue
-                    image = self._to_rgb(frame)
-                    if out is None:
-                        out = np.empty((len(indices), *image.shape), dtype=np.uint8)
-                    if image.shape != out.shape[1:]:
-                        image = self._to_rgb(frame, size=out.shape[1:3])
-                    out[slot] = image
-                    del wanted_by_key[key]
-                    if not wanted_by_key:
-                        break
-                if not wanted_by_key:
-                    break
-        finally:
-            container.close()
-        if wanted_by_key or out is None:
-            return None
-        return torch.from_numpy(out)
+            reader.read_into(self._buffer, self.indices.tolist())
+        except BaseException as caught:  # handed to the waiting thread
+            error = caught
+        self._buffer.close(error)
 
-    def _stream_position(self, container) -> int:
-        for position, stream in enumerate(container.streams.video):
-            if stream.index == self.stream_index:
-                return position
-        raise VideoDecodeError("the video stream disappeared on reopening")
+    def wait_for(self, count: int) -> torch.Tensor:
+        """Frames [N, 3, H, W] (uint8, channels-last view) with at least [0, count) decoded."""
+        buffer = self._buffer
+        with buffer.condition:
+            while buffer.ready < count:
+                if buffer.finished:
+                    raise self._failure(buffer.error)
+                remaining = None if self._deadline is None else self._deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise VideoDecodeError(
+                        f"video {self.name}: cannot decode ({self.backend}: the decoder did not "
+                        f"finish within {self._config.decode_timeout_seconds:g} s)"
+                    )
+                buffer.condition.wait(remaining)
+            return buffer.frames.permute(0, 3, 1, 2)
 
-    @staticmethod
-    def _to_rgb(frame, size: tuple[int, int] | None = None) -> np.ndarray:
-        """RGB24 like decord: rotated by the display matrix, scaled to the first frame's size."""
-        quarter_turns = (round(frame.rotation / 90) % 4) if frame.rotation else 0
-        if size is None:
-            image = frame.to_ndarray(format="rgb24")
-        else:
-            height, width = size if quarter_turns % 2 == 0 else (size[1], size[0])
-            image = frame.reformat(
-                width=width, height=height, format="rgb24", interpolation="BILINEAR"
-            ).to_ndarray()
-        if quarter_turns:
-            image = np.ascontiguousarray(np.rot90(image, quarter_turns))
-        return image
+    def _failure(self, error: BaseException | None) -> VideoDecodeError:
+        reason = (
+            "stopped early" if error is None else f"{type(error).__name__}: {_first_line(error)}"
+        )
+        failure = VideoDecodeError(f"video {self.name}: cannot decode ({self.backend}: {reason})")
+        failure.__cause__ = error
+        return failure
+
+    def result(self) -> DecodedVideo:
+        """All sampled frames with their metadata (waits for the decoder)."""
+        frames = self.wait_for(self.num_frames)
+        return DecodedVideo(
+            frames=frames,
+            timestamps=self.timestamps,
+            indices=self.indices,
+            video_fps=self.video_fps,
+            total_frames=self.total_frames,
+            backend=self.backend,
+            source_name=self.name,
+        )
 
 
-def _decode_with(backend: str, source, indices_for, config: VideoConfig, name: str):
-    """Open with one backend, choose indices from its metadata, read the frames."""
-    what = f"{backend} on video {name}"
-    if backend == "decord":
-        reader, total, fps = _call_with_timeout(
-            lambda: _probe_decord(source, config.decode_threads),
-            config.decode_timeout_seconds,
-            what,
+def _backends_for(config: VideoConfig, name: str) -> list[str]:
+    if config.backend == "auto":
+        return ["decord", "pyav"] if decord_available() else ["pyav"]
+    if config.backend == "decord" and not decord_available():
+        raise VideoDecodeError(f"video {name}: backend 'decord' requested but not installed")
+    return [config.backend]
+
+
+def open_video_stream(
+    source: str | os.PathLike | bytes,
+    *,
+    config: VideoConfig | None = None,
+    key: str | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> VideoStream:
+    """Open a video (path or bytes), choose the frames to sample and start decoding them.
+
+    `start`/`end` (seconds) restrict sampling to frames whose time lies in [start, end];
+    timestamps stay relative to the start of the video. `key` names the input in errors (else the
+    path or "<bytes len=...>"). With backend "auto", decord is tried first and PyAV takes over
+    when decord is missing, cannot open the input, or fails before delivering a frame.
+    """
+    config = config or VideoConfig()
+    if isinstance(source, bytearray | memoryview):
+        source = bytes(source)
+    name = describe_source(source, key)
+    if not isinstance(source, str | os.PathLike | bytes):
+        raise VideoDecodeError(
+            f"video {name}: expected a path or bytes, got {type(source).__name__}"
         )
-        indices = indices_for(total, fps)
-        frames = _call_with_timeout(
-            lambda: _read_decord(reader, indices.tolist()), config.decode_timeout_seconds, what
+    if isinstance(source, bytes) and len(source) == 0:
+        raise VideoDecodeError(f"video {name}: empty input")
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        raise VideoDecodeError(f"video {name}: no such file")
+
+    failures = []
+    for backend in _backends_for(config, name):
+        try:
+            reader = _call_with_timeout(
+                lambda backend=backend: open_reader(backend, source, threads=config.decode_threads),
+                config.decode_timeout_seconds,
+                backend,
+            )
+        except Exception as error:  # decoder libraries raise their own error types
+            failures.append(f"{backend}: {type(error).__name__}: {_first_line(error)}")
+            continue
+        if reader.total_frames < 1:
+            raise VideoDecodeError(f"video {name}: the video has no frames")
+        if not (math.isfinite(reader.fps) and reader.fps > 0):
+            raise VideoDecodeError(f"video {name}: unknown frame rate ({reader.fps})")
+        indices = sample_frame_indices(
+            reader.total_frames, reader.fps, config=config, start=start, end=end, name=name
         )
-    else:
-        video = _call_with_timeout(
-            lambda: _PyAVVideo(source, config.decode_threads), config.decode_timeout_seconds, what
-        )
-        total, fps = video.total_frames, video.fps
-        indices = indices_for(total, fps)
-        frames = _call_with_timeout(
-            lambda: video.read(indices.tolist()), config.decode_timeout_seconds, what
-        )
-    return frames, indices, total, fps
+        stream = VideoStream(name=name, reader=reader, indices=indices, config=config)
+        if backend == "decord" and "pyav" in _backends_for(config, name):
+            try:
+                stream.wait_for(1)
+            except VideoDecodeError as error:
+                failures.append(f"decord: {_first_line(error.__cause__ or error)}")
+                continue
+        return stream
+    raise VideoDecodeError(f"video {name}: cannot decode ({'; '.join(failures)})")
 
 
 def decode_video(
@@ -339,61 +361,9 @@ def decode_video(
 ) -> DecodedVideo:
     """Decode the sampled frames of a video file or of its bytes (as stored in a shard).
 
-    `start`/`end` (seconds) restrict sampling to frames whose time lies in [start, end];
-    timestamps stay relative to the start of the video. `key` names the input in errors (else the
-    path or "<bytes len=...>"). With backend "auto", decord is tried first and PyAV takes over
-    if decord is missing or fails on this input.
+    See `open_video_stream` for the arguments; this waits until every frame is decoded.
     """
-    config = config or VideoConfig()
-    if isinstance(source, bytearray | memoryview):
-        source = bytes(source)
-    if not isinstance(source, str | os.PathLike | bytes):
-        raise VideoDecodeError(
-            f"video {describe_source(source, key)}: expected a path or bytes, "
-            f"got {type(source).__name__}"
-        )
-    name = describe_source(source, key)
-    if isinstance(source, bytes) and len(source) == 0:
-        raise VideoDecodeError(f"video {name}: empty input")
-    if not isinstance(source, bytes) and not os.path.isfile(source):
-        raise VideoDecodeError(f"video {name}: no such file")
-
-    def indices_for(total: int, fps: float) -> torch.Tensor:
-        if total < 1:
-            raise VideoDecodeError(f"video {name}: the video has no frames")
-        if not (math.isfinite(fps) and fps > 0):
-            raise VideoDecodeError(f"video {name}: unknown frame rate ({fps})")
-        return sample_frame_indices(total, fps, config=config, start=start, end=end, name=name)
-
-    if config.backend == "auto":
-        backends = ["decord", "pyav"] if decord_available() else ["pyav"]
-    elif config.backend == "decord" and not decord_available():
-        raise VideoDecodeError(f"video {name}: backend 'decord' requested but not installed")
-    else:
-        backends = [config.backend]
-
-    failures = []
-    for backend in backends:
-        try:
-            frames, indices, total, fps = _decode_with(backend, source, indices_for, config, name)
-        except VideoDecodeError as error:
-            if str(error).startswith(f"video {name}:"):
-                raise  # a property of the video (no frames, bad trim), not of the decoder
-            failures.append(f"{backend}: {error}")
-            continue
-        except Exception as error:  # decoder libraries raise their own error types
-            failures.append(f"{backend}: {type(error).__name__}: {_first_line(error)}")
-            continue
-        return DecodedVideo(
-            frames=frames.permute(0, 3, 1, 2),
-            timestamps=frame_timestamps(indices, fps),
-            indices=indices,
-            video_fps=fps,
-            total_frames=total,
-            backend=backend,
-            source_name=name,
-        )
-    raise VideoDecodeError(f"video {name}: cannot decode ({'; '.join(failures)})")
+    return open_video_stream(source, config=config, key=key, start=start, end=end).result()
 
 
 def _first_line(error: BaseException) -> str:

@@ -40,9 +40,11 @@ class VideoConfig:
     similarity_patch_size: int = IMAGE_FACTOR  # 28x28 comparison patches
     factor: int = IMAGE_FACTOR  # every frame side is a multiple of this
     backend: VideoBackend = "auto"  # decord when importable, else PyAV
-    decode_threads: int = 0  # decoder threads (0: the decoder's automatic choice)
-    decode_timeout_seconds: float | None = 600.0  # a decoder call running longer is an error
-    similarity_chunk_frames: int = 16  # frames compared per batched step (memory vs speed)
+    # PyAV: keyframe segments decoded in parallel (0: one per core, at most 4); decord: its
+    # num_threads (0: automatic). Data-loader worker processes usually want 1.
+    decode_threads: int = 0
+    decode_timeout_seconds: float | None = 600.0  # decoding a video for longer is an error
+    similarity_chunk_frames: int = 8  # frames resized/converted per batched step
 
     def __post_init__(self) -> None:
         positive = (

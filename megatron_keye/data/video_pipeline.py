@@ -1,7 +1,8 @@
 """A video from bytes to model inputs: decode, SlowFast classification, token budget, patch rows.
 
 `load_video` is the equivalent of keye-vl-utils' `fetch_video` (same frames, frame types and
-sizes); `video_pixel_values` is the processor step that resizes slow frames to the slow size and
+sizes); it classifies frames while the decoder thread is still producing later ones.
+`video_pixel_values` is the processor step that resizes slow frames to the slow size and
 fast frames to the fast size, normalizes them and cuts them into 14x14 patch rows, one frame after
 the other, with a per-frame grid [1, h, w] in patch units.
 """
@@ -15,7 +16,7 @@ import torch
 
 from megatron_keye.data.image import ImageConfig, normalize, patchify, resize_uint8
 from megatron_keye.data.slowfast import SLOW, classify_slow_fast
-from megatron_keye.data.video import DecodedVideo, decode_video
+from megatron_keye.data.video import DecodedVideo, open_video_stream
 from megatron_keye.data.video_budget import VideoTokenBudget, solve_video_budget
 from megatron_keye.data.video_config import VideoConfig
 
@@ -91,10 +92,24 @@ def load_video(
     start: float | None = None,
     end: float | None = None,
 ) -> VideoSample:
-    """Decode, classify and budget one video (path or bytes); errors name `key` or the input."""
+    """Decode, classify and budget one video (path or bytes); errors name `key` or the input.
+
+    Classification consumes frames as the decoder thread delivers them (decode and comparison
+    overlap); the result is the same as classifying the finished `decode_video` output.
+    """
     config = config or VideoConfig()
-    decoded = decode_video(source, config=config, key=key, start=start, end=end)
-    return sample_from_frames(decoded, config=config)
+    stream = open_video_stream(source, config=config, key=key, start=start, end=end)
+    frame_types = classify_slow_fast(stream, config=config)
+    decoded = stream.result()
+    num_slow = int((frame_types == SLOW).sum())
+    budget = solve_video_budget(
+        num_slow=num_slow,
+        num_fast=frame_types.numel() - num_slow,
+        height=decoded.height,
+        width=decoded.width,
+        config=config,
+    )
+    return VideoSample(decoded=decoded, frame_types=frame_types, budget=budget)
 
 
 def video_pixel_values(

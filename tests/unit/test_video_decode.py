@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_keye.data import video as video_module
+from megatron_keye.data import video_backends
 from megatron_keye.data.synthetic_media import Scene, scene_frame, write_empty_video, write_video
 from megatron_keye.data.video import (
     VideoDecodeError,
     decode_video,
     decord_available,
     frame_timestamps,
+    open_video_stream,
     sample_frame_indices,
     smart_nframes,
 )
@@ -125,18 +126,74 @@ def test_decord_and_pyav_agree_bit_exactly(videos, name):
     assert reference.backend == "decord" and by_backend["pyav"].backend == "pyav"
 
 
+class DictSink:
+    def __init__(self):
+        self.frames = {}
+
+    def put(self, slot, image):
+        self.frames[slot] = image.clone()
+
+    def has(self, slot):
+        return slot in self.frames
+
+
 @pytest.mark.parametrize("name", ["h264", "h264_gop5", "mpeg4"])
 def test_pyav_skipping_unwanted_frames_changes_nothing(videos, name):
     """The non-reference-frame skip must give exactly the frames of a full decode."""
-    video = video_module._PyAVVideo(str(videos[name].path), 0)
-    wanted = [0, 3, 4, 11, video.total_frames - 1]
-    full = video._decode(wanted, skip_unwanted=False)
-    decoded_in_full = video.frames_decoded
-    skipped = video._decode(wanted, skip_unwanted=True)
-    assert full is not None and skipped is not None
-    assert torch.equal(full, skipped)
+    reader = video_backends.PyAVReader(str(videos[name].path), threads=0)
+    wanted = [0, 3, 4, 11, reader.total_frames - 1]
+    full, skipped = DictSink(), DictSink()
+    reader.decode_pass(full, wanted, skip_unwanted=False)
+    decoded_in_full = reader.frames_decoded
+    reader.decode_pass(skipped, wanted, skip_unwanted=True)
+    assert sorted(full.frames) == sorted(skipped.frames) == list(range(len(wanted)))
+    for slot in range(len(wanted)):
+        assert torch.equal(full.frames[slot], skipped.frames[slot])
     if name.startswith("h264"):  # x264 writes non-reference B-frames: the skip saves work
-        assert video.frames_decoded < decoded_in_full
+        assert reader.frames_decoded < decoded_in_full
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_parallel_keyframe_segments_equal_one_sequential_pass(videos, threads):
+    """Segments decoded from their keyframes, by up to 3 workers, give the sequential frames."""
+    reader = video_backends.PyAVReader(str(videos["h264_gop5"].path), threads=threads)
+    wanted = list(range(0, reader.total_frames, 3))
+    assert len(reader.segments(wanted)) > 3  # keyframe every 5 frames
+    parallel, sequential = DictSink(), DictSink()
+    reader.read_into(parallel, wanted)
+    reader.decode_pass(sequential, wanted, skip_unwanted=False)
+    for slot in range(len(wanted)):
+        assert torch.equal(parallel.frames[slot], sequential.frames[slot])
+
+
+@needs_decord
+def test_keyframe_segments_are_decords(videos):
+    import decord
+
+    for info in videos.values():
+        reader = video_backends.PyAVReader(str(info.path), threads=1)
+        keys = decord.VideoReader(str(info.path)).get_key_indices()
+        assert reader._keyframes == list(keys)
+        for index in range(reader.total_frames):
+            expected = 0 if index <= keys[0] else max(k for k in keys if k <= index)
+            assert reader.keyframe_position(index) == expected
+
+
+@pytest.mark.timeout(30)
+def test_decoder_failure_after_some_frames_reaches_the_reader(videos, monkeypatch):
+    def fails_midway(self, sink, indices):
+        frame = torch.zeros(224, 320, 3, dtype=torch.uint8)
+        sink.put(0, frame)
+        sink.put(1, frame)
+        raise video_backends.BackendError("corrupt packet at frame 2")
+
+    monkeypatch.setattr(video_backends.PyAVReader, "read_into", fails_midway)
+    stream = open_video_stream(videos["h264"].path, config=RELEASED.with_overrides(backend="pyav"))
+    assert stream.wait_for(2).shape[0] == stream.num_frames  # the first two are usable
+    with pytest.raises(VideoDecodeError, match=r"h264.mp4: cannot decode.*corrupt packet"):
+        stream.wait_for(3)
+    with pytest.raises(VideoDecodeError, match="corrupt packet"):
+        stream.result()
 
 
 def test_auto_backend_and_trimming_on_a_file(videos):
@@ -226,10 +283,10 @@ def test_zero_frame_and_missing_inputs(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_a_decoder_that_never_returns_becomes_an_error(videos, monkeypatch):
-    def stuck(self, indices):
+    def stuck(self, sink, indices):
         time.sleep(10)
 
-    monkeypatch.setattr(video_module._PyAVVideo, "read", stuck)
+    monkeypatch.setattr(video_backends.PyAVReader, "read_into", stuck)
     config = RELEASED.with_overrides(backend="pyav", decode_timeout_seconds=0.5)
     started = time.monotonic()
     with pytest.raises(VideoDecodeError, match="did not finish within 0.5 s"):

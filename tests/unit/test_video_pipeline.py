@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_keye.data.slowfast import slow_frame_indices
+from megatron_keye.data.slowfast import classify_slow_fast, slow_frame_indices
 from megatron_keye.data.synthetic_media import Scene, write_video
 from megatron_keye.data.templates import render_chat
 from megatron_keye.data.tokenizer import KeyeTokenizer
-from megatron_keye.data.video import decord_available
+from megatron_keye.data.video import decode_video, decord_available
 from megatron_keye.data.video_config import VideoConfig
 from megatron_keye.data.video_pipeline import load_video, video_pixel_values
 from megatron_keye.data.vision_tokens import (
@@ -77,6 +77,15 @@ def test_slow_frames_are_the_cuts_and_sizes_follow_the_budget(clip, backend):
         [1, 16, 22],
         [5, 10, 16],
     ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classifying_while_decoding_equals_classifying_decoded_frames(clip, backend):
+    config = VideoConfig(backend=backend, similarity_chunk_frames=3)
+    streamed = load_video(clip.path, config=config)
+    decoded = decode_video(clip.path, config=config)
+    assert torch.equal(streamed.frames, decoded.frames)
+    assert torch.equal(streamed.frame_types, classify_slow_fast(decoded.frames, config=config))
 
 
 def test_paper_threshold_keeps_the_cuts_on_this_clip(clip):

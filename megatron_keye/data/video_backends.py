@@ -1,0 +1,284 @@
+"""The two video decoders behind `video.py`: decord and PyAV, numbering frames the same way.
+
+decord numbers a video's frames by sorting the packets of its video stream by pts, counts them as
+the frame total and reports the stream's average frame rate; it converts frames to RGB24 with
+FFmpeg's swscale and turns them upright by the display matrix. The PyAV reader reproduces all of
+that, so both return the same frames bit for bit (the tests compare them).
+
+decord reads a batch keyframe segment by keyframe segment: for the first wanted frame of a segment
+it seeks to the segment's keyframe (flushing the decoder) and decodes forward, never decoding the
+rest of a segment once its wanted frames are out. The PyAV reader follows the same segments, so it
+decodes the same pictures from the same starting points, and because every segment starts from a
+flushed decoder, segments can be decoded in parallel (one single-threaded decoder per worker
+thread; videos with one segment get FFmpeg's own threads instead). Frames are told apart by their
+pts, never by approximate time. For codecs where AVDISCARD_NONREF drops only frames that no other
+frame is predicted from, the decoder skips such frames when they are not wanted: a large share of
+the work, and it cannot change any other decoded pixel. Any wanted frame that does not come out
+is decoded again by a plain sequential pass from the start without skipping.
+
+Readers deliver frames to a sink (`put(slot, image)`) in order as they are decoded, so the caller
+can start working on the first frames while later ones are still being decoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+import threading
+from typing import Protocol
+
+import numpy as np
+import torch
+
+# Decoders for which AVDISCARD_NONREF drops only frames no other frame predicts from.
+_SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+_DECORD_CHUNK = 8  # frames per decord get_batch call (decord keeps its position between calls)
+
+
+class BackendError(RuntimeError):
+    """A decoder could not read this input (the caller adds the input's name)."""
+
+
+class FrameSink(Protocol):
+    """Receives decoded frames, uint8 [H, W, 3], by their slot in the wanted list."""
+
+    def put(self, slot: int, image: torch.Tensor) -> None: ...
+
+    def has(self, slot: int) -> bool: ...
+
+
+def _open_source(source: str | os.PathLike | bytes):
+    return io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
+
+
+class DecordReader:
+    """decord.VideoReader: frame count and fps at open, frames through get_batch."""
+
+    name = "decord"
+
+    def __init__(self, source: str | os.PathLike | bytes, *, threads: int):
+        import decord
+
+        self._reader = decord.VideoReader(
+            _open_source(source), ctx=decord.cpu(0), num_threads=threads
+        )
+        self.total_frames = len(self._reader)
+        self.fps = float(self._reader.get_avg_fps())
+
+    def read_into(self, sink: FrameSink, indices: list[int]) -> None:
+        for first in range(0, len(indices), _DECORD_CHUNK):
+            chunk = indices[first : first + _DECORD_CHUNK]
+            batch = self._reader.get_batch(chunk)
+            frames = torch.utils.dlpack.from_dlpack(batch.to_dlpack())
+            if frames.dim() != 4 or frames.shape[-1] != 3:
+                # decord returns malformed frames for videos rotated by 90 or 270 degrees.
+                raise BackendError(f"decord returned frames of shape {tuple(frames.shape)}")
+            for offset in range(len(chunk)):
+                sink.put(first + offset, frames[offset])
+
+
+class PyAVReader:
+    """A video stream read with PyAV, numbering frames as decord does (packets sorted by pts)."""
+
+    name = "pyav"
+
+    def __init__(self, source: str | os.PathLike | bytes, *, threads: int):
+        import av
+
+        self._av = av
+        self._source = source
+        self._threads = threads
+        with self._open() as container:
+            stream = container.streams.best("video")
+            if stream is None:
+                raise BackendError("the file has no video stream")
+            self._stream_index = stream.index
+            rate = stream.average_rate
+            self.fps = float(rate) if rate else float("nan")
+            self._codec_name = stream.codec_context.name
+            pts, keyframes = [], []
+            for packet in container.demux(stream):
+                if packet.size == 0 and packet.pts is None and packet.dts is None:
+                    continue  # the end-of-stream marker PyAV adds
+                if packet.is_keyframe:
+                    keyframes.append(len(pts))  # decode-order position, as decord records it
+                pts.append(packet.pts)
+        self.total_frames = len(pts)
+        self._pts_valid = all(p is not None for p in pts) and len(set(pts)) == len(pts)
+        self._sorted_pts = sorted(pts) if self._pts_valid else []
+        self._keyframes = keyframes
+        self.frames_decoded = 0  # frames the decoders produced in the last pass (diagnostics)
+
+    def _open(self):
+        source = self._source
+        if isinstance(source, bytes):
+            return self._av.open(io.BytesIO(source), mode="r")
+        return self._av.open(os.fspath(source), mode="r")
+
+    def read_into(self, sink: FrameSink, indices: list[int]) -> None:
+        """Decode the frames at `indices` (sorted, unique) into the sink."""
+        skip = self._pts_valid and self._codec_name in _SKIP_NONREF_CODECS
+        if self._pts_valid:
+            self.segment_pass(sink, indices, skip_unwanted=skip)
+        else:  # frames can only be told apart by their order: one pass from the start
+            self.decode_pass(sink, indices, skip_unwanted=False)
+        missing = [slot for slot in range(len(indices)) if not sink.has(slot)]
+        if missing and skip:
+            self.decode_pass(sink, indices, skip_unwanted=False)
+            missing = [slot for slot in range(len(indices)) if not sink.has(slot)]
+        if missing:
+            raise BackendError(
+                f"could decode only {len(indices) - len(missing)} of the {len(indices)} wanted "
+                f"frames ({self.total_frames} in the stream)"
+            )
+
+    def keyframe_position(self, index: int) -> int:
+        """decord's LocateKeyframe: the last keyframe position <= index (0 before the first)."""
+        keyframes = self._keyframes
+        if not keyframes or index <= keyframes[0]:
+            return 0
+        return keyframes[bisect.bisect_right(keyframes, index) - 1]
+
+    def segments(self, indices: list[int]) -> list[tuple[int, list[int]]]:
+        """(keyframe position, slots of `indices`) for each segment decord would seek to."""
+        groups: dict[int, list[int]] = {}
+        for slot, index in enumerate(indices):
+            groups.setdefault(self.keyframe_position(index), []).append(slot)
+        return sorted(groups.items())
+
+    def segment_pass(self, sink: FrameSink, indices: list[int], *, skip_unwanted: bool) -> None:
+        """Decode each keyframe segment from its keyframe, segments spread over worker threads."""
+        segments = self.segments(indices)
+        workers = min(self._threads or min(os.cpu_count() or 1, 4), len(segments))
+        decoder_threads = 1 if workers > 1 else self._threads
+        queue = iter(segments)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        counts: list[int] = []
+
+        def work() -> None:
+            try:
+                with self._open() as container:
+                    stream = self._video_stream(container, decoder_threads)
+                    decoded = 0
+                    while True:
+                        with lock:
+                            segment = next(queue, None)
+                        if segment is None or errors:
+                            break
+                        keyframe, slots = segment
+                        wanted = {
+                            self._sorted_pts[indices[slot]]: slot
+                            for slot in slots
+                            if not sink.has(slot)
+                        }
+                        decoded += self._decode_segment(
+                            container,
+                            stream,
+                            sink,
+                            self._sorted_pts[keyframe],
+                            wanted,
+                            skip_unwanted,
+                        )
+                    with lock:
+                        counts.append(decoded)
+            except BaseException as error:  # reported by the calling thread
+                with lock:
+                    errors.append(error)
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+        for thread in threads:
+            thread.start()
+        work()
+        for thread in threads:
+            thread.join()
+        self.frames_decoded = sum(counts)
+        if errors:
+            raise errors[0]
+
+    def _video_stream(self, container, decoder_threads: int):
+        stream = next(s for s in container.streams.video if s.index == self._stream_index)
+        stream.thread_type = "AUTO"
+        stream.thread_count = decoder_threads
+        return stream
+
+    def _decode_segment(
+        self, container, stream, sink: FrameSink, keyframe_pts: int, wanted: dict, skip_unwanted
+    ) -> int:
+        """Seek to a segment's keyframe and decode until its wanted frames (pts -> slot) are out."""
+        if not wanted:
+            return 0
+        container.seek(keyframe_pts, stream=stream, backward=True)
+        codec = stream.codec_context
+        codec.flush_buffers()
+        decoded = 0
+        size: tuple[int, int] | None = None
+        for packet in container.demux(stream):
+            if skip_unwanted:
+                codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+            for frame in packet.decode():
+                decoded += 1
+                slot = wanted.pop(frame.pts, None)
+                if slot is not None:
+                    image = _to_rgb(frame, size)
+                    size = size or (image.shape[0], image.shape[1])
+                    sink.put(slot, torch.from_numpy(image))
+            if not wanted:
+                break
+        codec.skip_frame = "DEFAULT"
+        return decoded
+
+    def decode_pass(self, sink: FrameSink, indices: list[int], *, skip_unwanted: bool) -> None:
+        """One pass from the start, delivering the wanted frames the sink does not have yet."""
+        wanted: dict[int, int] = {}
+        for slot, index in enumerate(indices):
+            if not sink.has(slot):
+                wanted[self._sorted_pts[index] if self._pts_valid else index] = slot
+        ordinal = 0
+        size: tuple[int, int] | None = None
+        with self._open() as container:
+            stream = next(s for s in container.streams.video if s.index == self._stream_index)
+            stream.thread_type = "AUTO"
+            stream.thread_count = self._threads
+            codec = stream.codec_context
+            for packet in container.demux(stream):
+                if not wanted:
+                    break
+                if skip_unwanted:
+                    codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                for frame in packet.decode():
+                    key = frame.pts if self._pts_valid else ordinal
+                    ordinal += 1
+                    slot = wanted.pop(key, None)
+                    if slot is None:
+                        continue
+                    image = _to_rgb(frame, size)
+                    size = size or (image.shape[0], image.shape[1])
+                    sink.put(slot, torch.from_numpy(image))
+        self.frames_decoded = ordinal
+
+
+def _to_rgb(frame, size: tuple[int, int] | None) -> np.ndarray:
+    """RGB24 like decord: upright by the display matrix, scaled to the first frame's size."""
+    quarter_turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
+    image = frame.to_ndarray(format="rgb24")
+    if quarter_turns:
+        image = np.ascontiguousarray(np.rot90(image, quarter_turns))
+    if size is not None and image.shape[:2] != size:
+        height, width = size if quarter_turns % 2 == 0 else (size[1], size[0])
+        image = frame.reformat(
+            width=width, height=height, format="rgb24", interpolation="BILINEAR"
+        ).to_ndarray()
+        if quarter_turns:
+            image = np.ascontiguousarray(np.rot90(image, quarter_turns))
+    return image
+
+
+def open_reader(backend: str, source: str | os.PathLike | bytes, *, threads: int):
+    """A DecordReader or PyAVReader for `source` (raises the library's own errors)."""
+    if backend == "decord":
+        return DecordReader(source, threads=threads)
+    if backend == "pyav":
+        return PyAVReader(source, threads=threads)
+    raise ValueError(f"unknown video backend {backend!r}")
