@@ -75,23 +75,32 @@ def to_patches(images: torch.Tensor, *, patch_size: int) -> torch.Tensor:
 
 
 def patch_unit_vectors(
-    hsv_patches: torch.Tensor,
+    hsv_patches: torch.Tensor, *, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HSV uint8 patches [N, gh, gw, 3, p, p] -> (unit vectors float32 [N, P, 3*p*p], dark [N, P]).
 
     Each patch vector is (channel, row, column) like the reference's
     `rearrange("c (h p1) (w p2) -> h w (c p1 p2)")`, in raster patch order. A patch is dark when its
-    norm (+1e-8) is below 0.01, i.e. when it is all zeros.
+    norm (+1e-8) is below 0.01, i.e. when it is all zeros. `out` (float32, at least that size)
+    receives the vectors: reusing one buffer avoids fresh page faults for every chunk.
     """
     frames, gh, gw = hsv_patches.shape[:3]
-    patches = hsv_patches.reshape(frames, gh * gw, -1).to(torch.float32)
+    source = hsv_patches.reshape(frames, gh * gw, -1)
+    if out is None:
+        patches = source.to(torch.float32)
+    else:
+        patches = out.view(-1)[: source.numel()].view(source.shape).copy_(source)
     norms = torch.norm(patches, p=2, dim=-1, keepdim=True) + _NORM_EPSILON
     dark = norms.squeeze(-1) < _DARK_NORM
     return patches.div_(norms), dark
 
 
 def frame_unit_vectors(
-    frames: torch.Tensor, *, size: tuple[int, int], patch_size: int
+    frames: torch.Tensor,
+    *,
+    size: tuple[int, int],
+    patch_size: int,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 RGB frames [N, 3, H, W] -> unit patch vectors and dark masks at comparison `size`.
 
@@ -99,7 +108,7 @@ def frame_unit_vectors(
     conversion writes the patch layout directly; only then is anything widened to float.
     """
     resized = resize_uint8(frames, *size)
-    return patch_unit_vectors(rgb_to_hsv(to_patches(resized, patch_size=patch_size)))
+    return patch_unit_vectors(rgb_to_hsv(to_patches(resized, patch_size=patch_size)), out=out)
 
 
 def similarity_to_key(
@@ -151,12 +160,15 @@ class _ChunkedUnitVectors:
         self.end = 0
         self.units = torch.empty(0)
         self.dark = torch.empty(0, dtype=torch.bool)
+        self._buffer = torch.empty(
+            config.similarity_chunk_frames * size[0] * size[1] * 3, dtype=torch.float32
+        )
 
     def load_from(self, first: int) -> None:
         last = min(first + self._config.similarity_chunk_frames, self._source.num_frames)
         frames = self._source.wait_for(last)[first:last]
         self.units, self.dark = frame_unit_vectors(
-            frames, size=self._size, patch_size=self._config.similarity_patch_size
+            frames, size=self._size, patch_size=self._config.similarity_patch_size, out=self._buffer
         )
         self.start, self.end = first, last
 
@@ -185,7 +197,7 @@ def classify_slow_fast(
     size = similarity_size(first.shape[2], first.shape[3], config=config)
     chunk = _ChunkedUnitVectors(source, size=size, config=config)
     chunk.load_from(0)
-    key_units, key_dark = chunk.units[0], chunk.dark[0]
+    key_units, key_dark = chunk.units[0].clone(), chunk.dark[0].clone()  # the buffer is reused
     # The reference compares a Python float (the float32 share) with the threshold: double.
     threshold = config.frame_similarity_threshold
     for position in range(1, num_frames):
