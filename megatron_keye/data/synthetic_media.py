@@ -87,8 +87,14 @@ def write_video(
     preset: str = "veryfast",
     gop: int | None = None,
     faststart: bool = False,
+    colorspace: int | None = None,
+    color_range: int | None = None,
 ) -> SyntheticVideo:
-    """Encode the scenes into a yuv420p video file; returns the scene start frames."""
+    """Encode the scenes into a yuv420p video file; returns the scene start frames.
+
+    `colorspace` / `color_range` tag the stream (FFmpeg enum values, e.g. 1 = BT.709, 2 = full
+    range) to check that every decoder converts tagged video to RGB the same way.
+    """
     import av
 
     if height % 2 or width % 2:
@@ -103,6 +109,10 @@ def write_video(
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if gop is not None:
             stream.codec_context.gop_size = gop
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
         if codec != "libx264":
             stream.codec_context.bit_rate = 4_000_000
         for scene in scenes:

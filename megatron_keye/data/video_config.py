@@ -44,7 +44,7 @@ class VideoConfig:
     # num_threads (0: automatic). Data-loader worker processes usually want 1.
     decode_threads: int = 0
     decode_timeout_seconds: float | None = 600.0  # decoding a video for longer is an error
-    similarity_chunk_frames: int = 8  # frames resized/converted per batched step
+    similarity_chunk_frames: int = 4  # frames resized/converted per batched step
 
     def __post_init__(self) -> None:
         positive = (

@@ -19,6 +19,7 @@ from megatron_keye.data.slowfast import SLOW, classify_slow_fast
 from megatron_keye.data.video import DecodedVideo, open_video_stream
 from megatron_keye.data.video_budget import VideoTokenBudget, solve_video_budget
 from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.vision_tokens import TextEncoder, video_frame_token_ids
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -94,11 +95,16 @@ def load_video(
 ) -> VideoSample:
     """Decode, classify and budget one video (path or bytes); errors name `key` or the input.
 
-    Classification consumes frames as the decoder thread delivers them (decode and comparison
-    overlap); the result is the same as classifying the finished `decode_video` output.
+    With single-threaded torch (data-loader workers) classification consumes frames as the
+    decoder threads deliver them; the result is the same as classifying `decode_video`'s output.
     """
     config = config or VideoConfig()
     stream = open_video_stream(source, config=config, key=key, start=start, end=end)
+    if torch.get_num_threads() > 1:
+        # torch's OpenMP workers spin between ops and would take the cores from the decoder
+        # threads (measured: slower than decoding first); overlap only single-threaded torch,
+        # as in data-loader worker processes.
+        stream.wait_for(stream.num_frames)
     frame_types = classify_slow_fast(stream, config=config)
     decoded = stream.result()
     num_slow = int((frame_types == SLOW).sum())
@@ -139,3 +145,17 @@ def video_pixel_values(
         for slot, position in enumerate(positions):
             rows_per_frame[position] = rows[slot * gh * gw : (slot + 1) * gh * gw]
     return torch.cat(rows_per_frame), sample.frame_grids(patch_size=patch)
+
+
+def video_placeholder_tokens(sample: VideoSample, tokenizer: TextEncoder) -> list[int]:
+    """The tokens that replace the video's single `<|video_pad|>` in a rendered conversation.
+
+    Every frame in order: `<|frame|>` + its timestamp text + pads (fast frames wrapped in
+    `<|fast_start|>` ... `<|fast_end|>`); see `vision_tokens.expand_vision_placeholders`.
+    """
+    return video_frame_token_ids(
+        sample.frame_grids(),
+        fast=[not slow for slow in sample.is_slow()],
+        timestamps=sample.timestamps,
+        tokenizer=tokenizer,
+    )

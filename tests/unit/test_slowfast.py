@@ -119,6 +119,24 @@ def black_patches(image: torch.Tensor, patches: list[int]) -> torch.Tensor:
     return replace_patches(image, torch.zeros_like(image), patches)
 
 
+def test_comparison_frames_are_resized_on_uint8_as_the_released_code_does():
+    """keye-vl-utils calls F.interpolate on the uint8 frames (torch's fixed-point uint8 kernel),
+    so no float result is ever truncated; a float resize cast with astype(uint8) differs."""
+    generator = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (2, 3, 90, 160), dtype=torch.uint8, generator=generator)
+    ours = resize_uint8(frames, 56, 84)
+    assert ours.dtype == torch.uint8
+    assert torch.equal(
+        ours, torch.nn.functional.interpolate(frames, [56, 84], mode="bilinear", antialias=True)
+    )
+    float_path = torch.nn.functional.interpolate(
+        frames.float(), [56, 84], mode="bilinear", antialias=True
+    )
+    truncated = torch.from_numpy(float_path.numpy().astype(np.uint8))
+    assert not torch.equal(ours, truncated)
+    assert (ours.int() - truncated.int()).abs().max() <= 1
+
+
 def test_similarity_size_is_at_most_256_tokens():
     assert similarity_size(224, 308, config=CONFIG) == SIZE
     # 720p: beta = sqrt(921600/200704) = 2.1429; floor(720/2.1429/28) = 12 -> 336, 21 -> 588.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 
 import pytest
 
@@ -148,3 +150,33 @@ def test_synthetic_text_is_deterministic_and_varied():
     assert len(set(sentences)) > 0.8 * len(sentences)
     with pytest.raises(ValueError, match="min_sentences"):
         generate_documents(1, seed=0, min_sentences=5, max_sentences=2)
+
+
+def test_synthetic_text_has_learnable_but_not_periodic_structure(tokenizer):
+    """Held-out bits per token: a bigram model gains a lot over unigrams, yet stays far from 0."""
+    endoftext = tokenizer.special_token_id("<|endoftext|>")
+
+    def stream(docs):
+        ids = []
+        for doc in docs:
+            ids += tokenizer.encode(doc) + [endoftext]
+        return ids
+
+    train, test = stream(generate_documents(1000, seed=1)), stream(generate_documents(100, seed=2))
+    vocab = tokenizer.vocab_size
+    unigram = collections.Counter(train)
+    following = collections.defaultdict(collections.Counter)
+    for a, b in zip(train, train[1:]):
+        following[a][b] += 1
+
+    def p_unigram(token):
+        return (unigram[token] + 1) / (len(train) + vocab)
+
+    def p_bigram(prev, token, alpha=0.1):
+        counts = following[prev]
+        return (counts[token] + alpha * p_unigram(token)) / (sum(counts.values()) + alpha)
+
+    unigram_bits = -sum(math.log2(p_unigram(t)) for t in test[1:]) / (len(test) - 1)
+    bigram_bits = -sum(math.log2(p_bigram(a, b)) for a, b in zip(test, test[1:])) / (len(test) - 1)
+    assert unigram_bits - bigram_bits > 2.5  # measured: 7.1 -> 3.7 bits with more data
+    assert bigram_bits > 2.0  # far from a memorizable, periodic text

@@ -87,6 +87,9 @@ def videos(tmp_path_factory):
         "h264": write_video(root / "h264.mp4", scenes=SCENES, fps=4),
         "h264_gop5": write_video(root / "gop5.mp4", scenes=SCENES, fps=12, gop=5),
         "mpeg4": write_video(root / "mpeg4.mp4", scenes=SCENES, fps=25, codec="mpeg4"),
+        "bt709_full": write_video(
+            root / "bt709.mp4", scenes=SCENES, fps=4, colorspace=1, color_range=2
+        ),
     }
 
 
@@ -108,7 +111,7 @@ def test_decoded_frames_are_the_written_pictures(videos):
 
 
 @needs_decord
-@pytest.mark.parametrize("name", ["h264", "h264_gop5", "mpeg4"])
+@pytest.mark.parametrize("name", ["h264", "h264_gop5", "mpeg4", "bt709_full"])
 def test_decord_and_pyav_agree_bit_exactly(videos, name):
     path = videos[name].path
     by_backend = {

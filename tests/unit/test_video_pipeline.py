@@ -19,12 +19,15 @@ from megatron_keye.data.templates import render_chat
 from megatron_keye.data.tokenizer import KeyeTokenizer
 from megatron_keye.data.video import decode_video, decord_available
 from megatron_keye.data.video_config import VideoConfig
-from megatron_keye.data.video_pipeline import load_video, video_pixel_values
+from megatron_keye.data.video_pipeline import (
+    load_video,
+    video_pixel_values,
+    video_placeholder_tokens,
+)
 from megatron_keye.data.vision_tokens import (
     expand_vision_placeholders,
     merge_thw,
     mrope_position_ids,
-    video_frame_token_ids,
     video_token_ids,
 )
 
@@ -79,8 +82,17 @@ def test_slow_frames_are_the_cuts_and_sizes_follow_the_budget(clip, backend):
     ]
 
 
+@pytest.fixture(params=[1, 2], ids=["torch-1-thread", "torch-2-threads"])
+def torch_threads(request):
+    """load_video overlaps decoding and classification only with single-threaded torch."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_classifying_while_decoding_equals_classifying_decoded_frames(clip, backend):
+def test_classifying_while_decoding_equals_classifying_decoded_frames(clip, backend, torch_threads):
     config = VideoConfig(backend=backend, similarity_chunk_frames=3)
     streamed = load_video(clip.path, config=config)
     decoded = decode_video(clip.path, config=config)
@@ -135,12 +147,7 @@ def test_chat_sample_tokens_and_positions(clip, tokenizer):
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe it."}]},
         {"role": "assistant", "content": "A cow runs."},
     ]
-    frames = video_frame_token_ids(
-        sample.frame_grids(),
-        fast=[not s for s in sample.is_slow()],
-        timestamps=sample.timestamps,
-        tokenizer=tokenizer,
-    )
+    frames = video_placeholder_tokens(sample, tokenizer)
     ids = expand_vision_placeholders(
         tokenizer.encode(render_chat(messages)), video_frames=[frames], ids=tokenizer.vision
     )
