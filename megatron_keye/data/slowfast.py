@@ -15,6 +15,12 @@ resizing, HSV and unit vectors are computed once per frame, a chunk of frames at
 batched tensor ops (the reference converts both frames of every pair again), and only the cheap
 key-versus-frame product runs per frame. Frames may come from a `FrameSource` that is still
 decoding: each chunk waits only for its own frames.
+
+On the resize, the spec (reference/keye-vl-1.5.md §2.3) describes `F.interpolate(frames.float())`
+followed by truncation to uint8. The released code passes the uint8 frames themselves to
+`F.interpolate`, which runs torch's fixed-point uint8 kernel (rounded, and different from the
+truncated float path in about half the pixels, by one level); there is no float intermediate to
+truncate. We follow the released code; the oracle tests check frame types against keye-vl-utils.
 """
 
 from __future__ import annotations

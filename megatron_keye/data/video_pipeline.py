@@ -71,9 +71,9 @@ class VideoSample:
         return self.budget.total_tokens(num_slow=self.num_slow, num_fast=self.num_fast)
 
 
-def sample_from_frames(decoded: DecodedVideo, *, config: VideoConfig) -> VideoSample:
-    """Classify decoded frames and choose slow/fast sizes under the budget."""
-    frame_types = classify_slow_fast(decoded.frames, config=config)
+def _with_budget(
+    decoded: DecodedVideo, frame_types: torch.Tensor, config: VideoConfig
+) -> VideoSample:
     num_slow = int((frame_types == SLOW).sum())
     budget = solve_video_budget(
         num_slow=num_slow,
@@ -83,6 +83,11 @@ def sample_from_frames(decoded: DecodedVideo, *, config: VideoConfig) -> VideoSa
         config=config,
     )
     return VideoSample(decoded=decoded, frame_types=frame_types, budget=budget)
+
+
+def sample_from_frames(decoded: DecodedVideo, *, config: VideoConfig) -> VideoSample:
+    """Classify already decoded frames and choose slow/fast sizes under the budget."""
+    return _with_budget(decoded, classify_slow_fast(decoded.frames, config=config), config)
 
 
 def load_video(
@@ -106,16 +111,7 @@ def load_video(
         # as in data-loader worker processes.
         stream.wait_for(stream.num_frames)
     frame_types = classify_slow_fast(stream, config=config)
-    decoded = stream.result()
-    num_slow = int((frame_types == SLOW).sum())
-    budget = solve_video_budget(
-        num_slow=num_slow,
-        num_fast=frame_types.numel() - num_slow,
-        height=decoded.height,
-        width=decoded.width,
-        config=config,
-    )
-    return VideoSample(decoded=decoded, frame_types=frame_types, budget=budget)
+    return _with_budget(stream.result(), frame_types, config)
 
 
 def video_pixel_values(
