@@ -82,7 +82,7 @@ def test_hsv_matches_scalar_reference_on_lattice_ties_and_random_pixels():
 
 
 def test_hsv_matches_opencv_on_every_colour():
-    cv2 = pytest.importorskip("cv2")
+    cv2 = pytest.importorskip("cv2", exc_type=ImportError)
     grid = np.stack(np.meshgrid(*(np.arange(256),) * 3, indexing="ij"), -1).astype(np.uint8)
     image = grid.reshape(4096, 4096, 3)
     expected = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
@@ -278,8 +278,8 @@ def test_chunked_classification_equals_plain_reference(chunk):
 
 
 def test_classification_matches_keye_vl_utils():
-    pytest.importorskip("cv2")
-    pytest.importorskip("einops")
+    pytest.importorskip("cv2", exc_type=ImportError)
+    pytest.importorskip("einops", exc_type=ImportError)
     from tests.unit.test_video_oracle import keye_vision_process
 
     vision_process = keye_vision_process()

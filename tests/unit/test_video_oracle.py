@@ -28,7 +28,7 @@ def keye_vision_process():
     so nothing else in the test session sees a fake torchvision.
     """
     for name in ("cv2", "einops", "decord"):
-        pytest.importorskip(name)
+        pytest.importorskip(name, exc_type=ImportError)  # also a broken install
     if "keye_vl_utils.vision_process" in sys.modules:
         return sys.modules["keye_vl_utils.vision_process"]
     torchvision = types.ModuleType("torchvision")
