@@ -3,7 +3,7 @@
 Special tokens are looked up by their text in the file, never by a hard-coded id: the real
 Keye-VL-1.5 tokenizer has the Qwen2 ones at 151643+ and the ids of the tokens new in 1.5
 (`<|frame|>`, `<|fast_start|>`, `<|fast_end|>`) are unconfirmed, while the tiny tokenizer shipped
-here for tests and demos has them after its ~1,900 learned tokens. A directory is loaded from
+here for tests and demos has them after its 1,284 learned tokens. A directory is loaded from
 `tokenizer.json` plus, when present, `tokenizer_config.json` for the eos/pad tokens (Qwen2 chat
 models end turns with `<|im_end|>` and pad with `<|endoftext|>`).
 """
@@ -144,7 +144,7 @@ class KeyeTokenizer:
 
     @classmethod
     def default(cls) -> KeyeTokenizer:
-        """The tiny tokenizer shipped with the package (about 1,900 tokens, for tests and demos)."""
+        """The tiny tokenizer shipped with the package (1,298 tokens, for tests and demos)."""
         return cls.from_dir(DEFAULT_TOKENIZER_DIR)
 
     @property
