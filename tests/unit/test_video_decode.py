@@ -205,7 +205,30 @@ def test_auto_backend_and_trimming_on_a_file(videos):
     # frames 8..20 (13 frames): int(13/4*2) = 6 samples, 8 + round(linspace(0, 12, 6)).
     assert decoded.indices.tolist() == [8, 10, 13, 15, 18, 20]
     assert decoded.timestamps.tolist() == [2.0, 2.5, 3.25, 3.75, 4.5, 5.0]
-    assert decoded.backend == ("decord" if decord_available() else "pyav")
+    assert decoded.backend == "pyav"
+
+
+@needs_decord
+def test_auto_falls_back_to_decord_when_pyav_cannot_open(videos, monkeypatch):
+    from megatron_keye.data import video, video_backends
+
+    real_open_reader = video_backends.open_reader
+
+    def pyav_broken(backend, source, *, threads):
+        if backend == "pyav":
+            raise RuntimeError("pyav refuses this input")
+        return real_open_reader(backend, source, threads=threads)
+
+    monkeypatch.setattr(video, "open_reader", pyav_broken)
+    decoded = decode_video(videos["h264"].path)
+    assert decoded.backend == "decord"
+    monkeypatch.undo()
+    expected = decode_video(videos["h264"].path, config=RELEASED.with_overrides(backend="pyav"))
+    assert torch.equal(decoded.frames, expected.frames)
+    monkeypatch.setattr(video, "open_reader", pyav_broken)
+    monkeypatch.setattr(video, "decord_available", lambda: False)
+    with pytest.raises(VideoDecodeError, match="pyav: RuntimeError: pyav refuses this input"):
+        decode_video(videos["h264"].path)
 
 
 @needs_decord
@@ -231,7 +254,7 @@ def test_rotated_video_is_upright_in_both_backends(tmp_path, rotation):
     if rotation == 180:
         decord = decode_video(path, config=RELEASED.with_overrides(backend="decord"))
         assert torch.equal(decord.frames, auto.frames)
-    else:  # decord returns malformed frames for quarter turns; auto fell back to PyAV
+    else:  # decord returns malformed frames for quarter turns (PyAV is auto's first choice)
         assert auto.backend == "pyav"
         with pytest.raises(VideoDecodeError, match="decord"):
             decode_video(path, config=RELEASED.with_overrides(backend="decord"))
