@@ -31,9 +31,8 @@ lint: setup
 bench-train: setup
 	$(PY) tools/bench_train.py
 
-# The peer (keye-vl-utils) needs OpenCV; installed only for this benchmark.
+# The peer (keye-vl-utils with OpenCV) comes with the dev extra that `make setup` installs.
 bench-video: setup
-	$(PY) -m pip install --quiet opencv-python-headless keye-vl-utils==1.5.2
 	$(PY) tools/bench_video.py
 
 clean:

@@ -23,7 +23,16 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     "video": ["decord"],
     "wandb": ["wandb"],
-    "dev": ["pytest", "pytest-timeout", "ruff"],
+    # Tests only: OpenCV and the released keye-vl-utils are the oracles the SlowFast tests compare
+    # against (never imported by the package).
+    "dev": [
+        "pytest",
+        "pytest-timeout",
+        "ruff",
+        "opencv-python-headless",
+        "keye-vl-utils==1.5.2",
+        "einops",
+    ],
 }
 
 setup(

@@ -11,7 +11,8 @@ types and slow/fast sizes, and prints where our time goes. It asserts nothing ab
 synthetic clip (libx264, scene cuts, static, fading and panning stretches) is written once and
 cached.
 
-keye-vl-utils is optional and never a dependency of the package. To compare against it:
+keye-vl-utils is never a dependency of the package; the `dev` extra (what `make setup` installs)
+brings it for the test oracles and this comparison, or:
     pip install opencv-python-headless keye-vl-utils==1.5.2 einops
 It imports torchvision, which has no wheel matching this torch; the script registers stand-in
 modules for the import (the SlowFast path never uses torchvision).
