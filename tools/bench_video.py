@@ -21,12 +21,9 @@ modules for the import (the SlowFast path never uses torchvision).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -37,35 +34,16 @@ from megatron_keye.data.video import decode_video
 from megatron_keye.data.video_budget import solve_video_budget
 from megatron_keye.data.video_config import VideoConfig
 from megatron_keye.data.video_pipeline import load_video
-
-INSTALL_HINT = "pip install opencv-python-headless keye-vl-utils==1.5.2 einops"
+from megatron_keye.testing.keye_reference import INSTALL_HINT, import_vision_process
 
 
 def import_keye_vl_utils():
-    """keye_vl_utils.vision_process with torchvision stand-ins, or None with the reason printed."""
-    stubs = {
-        "torchvision": types.ModuleType("torchvision"),
-        "torchvision.io": types.ModuleType("torchvision.io"),
-        "torchvision.transforms": types.ModuleType("torchvision.transforms"),
-    }
-    stubs["torchvision.transforms"].InterpolationMode = types.SimpleNamespace(
-        NEAREST="nearest", BILINEAR="bilinear", BICUBIC="bicubic", LANCZOS="lanczos"
-    )
-    stubs["torchvision"].io = stubs["torchvision.io"]
-    stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
+    """keye_vl_utils.vision_process, or None with the reason printed."""
     try:
-        return importlib.import_module("keye_vl_utils.vision_process")
+        return import_vision_process()
     except ImportError as error:
         print(f"keye-vl-utils unavailable ({error}); to compare, run: {INSTALL_HINT}")
         return None
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def bench_clip(args) -> Path:

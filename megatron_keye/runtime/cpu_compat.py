@@ -9,6 +9,7 @@ and, end to end, by the gloo parity tests. Nothing else in the package mentions 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import torch
@@ -38,6 +39,7 @@ def apply() -> bool:
         _cuda_device_arguments_to_cpu()
         _cuda_type_names_for_optimizer_dispatch()
         _one_rank_buffer_collectives_stay_local()
+        _no_cuda_stream_advice()
         _APPLIED = True
     return True
 
@@ -45,6 +47,15 @@ def apply() -> bool:
 def is_applied() -> bool:
     """Whether `apply()` installed the shims in this process."""
     return _APPLIED
+
+
+def _no_cuda_stream_advice() -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 (it orders CUDA streams; without CUDA it means nothing).
+
+    Silences tensor_parallel/layers.py:728, which warns on every sequence-parallel linear's
+    backward when the variable is unset.
+    """
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
 def _current_device_is_cpu() -> None:

@@ -72,6 +72,15 @@ def _unshare_step_counters_after_load() -> None:
     DistributedOptimizer.load_state_dict = load_state_dict
 
 
+def optimizer_parts(megatron_optimizer) -> list:
+    """The optimizers inside a megatron-core optimizer: a ChainedOptimizer's parts, or itself."""
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    if isinstance(megatron_optimizer, ChainedOptimizer):
+        return list(megatron_optimizer.chained_optimizers)
+    return [megatron_optimizer]
+
+
 @torch.no_grad()
 def ensure_optimizer_state(megatron_optimizer) -> None:
     """Allocate Adam moments and step counters that a fresh optimizer does not have yet.
@@ -80,15 +89,9 @@ def ensure_optimizer_state(megatron_optimizer) -> None:
     optimizer reads a per-parameter 'step' there (optimizer/distrib_optimizer.py:640) that torch
     creates only on the first update. No-op on the TE/apex path.
     """
-    from megatron.core.optimizer.optimizer import ChainedOptimizer
-
     if not in_use():
         return
-    parts = (
-        megatron_optimizer.chained_optimizers
-        if isinstance(megatron_optimizer, ChainedOptimizer)
-        else [megatron_optimizer]
-    )
+    parts = optimizer_parts(megatron_optimizer)
     for part in parts:
         inner = getattr(part, "optimizer", None)
         if inner is None:

@@ -16,7 +16,6 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import clip_grads, get_megatron_optimizer
-from megatron.core.optimizer.optimizer import ChainedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
@@ -25,6 +24,7 @@ from megatron_keye.config.schema import (
     ParallelConfig,
     ScheduleConfig,
 )
+from megatron_keye.runtime.mcore_fallback import optimizer_parts
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,7 @@ def _use_fused_torch_adamw(megatron_optimizer) -> None:
     on CPU is a per-tensor loop of several elementwise passes. The fused kernel computes the same
     update in one pass (checked against plain AdamW by the ZeRO-1 parity test).
     """
-    parts = (
-        megatron_optimizer.chained_optimizers
-        if isinstance(megatron_optimizer, ChainedOptimizer)
-        else [megatron_optimizer]
-    )
+    parts = optimizer_parts(megatron_optimizer)
     for part in parts:
         inner = getattr(part, "optimizer", None)
         if not isinstance(inner, torch.optim.AdamW):
@@ -163,11 +159,7 @@ def guarded_step(megatron_optimizer, *, loss_is_finite: bool) -> StepOutcome:
     finiteness check between norm and clip. Every rank reaches the same decision: the norm is
     reduced over all model- and data-parallel ranks, and `loss_is_finite` must already be agreed.
     """
-    parts = (
-        megatron_optimizer.chained_optimizers
-        if isinstance(megatron_optimizer, ChainedOptimizer)
-        else [megatron_optimizer]
-    )
+    parts = optimizer_parts(megatron_optimizer)
     found_inf = megatron_optimizer.prepare_grads()
     grad_norm = float(megatron_optimizer.get_grad_norm())
     if found_inf or not loss_is_finite or not math.isfinite(grad_norm):
@@ -184,11 +176,7 @@ def guarded_step(megatron_optimizer, *, loss_is_finite: bool) -> StepOutcome:
 
 def optimizer_state_bytes(megatron_optimizer) -> int:
     """Bytes of Adam moments and fp32 master weights held by this rank (ZeRO-1 shards them)."""
-    parts = (
-        megatron_optimizer.chained_optimizers
-        if isinstance(megatron_optimizer, ChainedOptimizer)
-        else [megatron_optimizer]
-    )
+    parts = optimizer_parts(megatron_optimizer)
     total = 0
     for part in parts:
         inner = getattr(part, "optimizer", None)
@@ -201,4 +189,3 @@ def optimizer_state_bytes(megatron_optimizer) -> int:
         for group in getattr(part, "shard_fp32_from_float16_groups", []) or []:
             total += sum(p.numel() * p.element_size() for p in group)
     return total
-

@@ -125,16 +125,27 @@ class Trainer:
             log.info(
                 "model %s: %.2fM parameters (%.2fM trainable) | layout %s | %d micro-batches of "
                 "%d x %d tokens per rank per step | starting at iteration %d of %d",
-                cfg.model.flavor, counts[0].item() / 1e6, counts[1].item() / 1e6, self.layout(),
-                num_microbatches(cfg, self.dims.world_size), cfg.schedule.micro_batch_size, cfg.data.seq_length, self.iteration,
+                cfg.model.flavor,
+                counts[0].item() / 1e6,
+                counts[1].item() / 1e6,
+                self.layout(),
+                num_microbatches(cfg, self.dims.world_size),
+                cfg.schedule.micro_batch_size,
+                cfg.data.seq_length,
+                self.iteration,
                 cfg.schedule.train_iters,
             )
 
     def layout(self) -> dict:
         """The parallel layout, stored with checkpoints."""
         d = self.dims
-        return {"tensor": d.tensor, "pipeline": d.pipeline, "virtual_pipeline": d.virtual_pipeline,
-                "context": d.context, "data": d.data}
+        return {
+            "tensor": d.tensor,
+            "pipeline": d.pipeline,
+            "virtual_pipeline": d.virtual_pipeline,
+            "context": d.context,
+            "data": d.data,
+        }
 
     def _install_schedule_hooks(self) -> None:
         tc = self.transformer_config
@@ -166,7 +177,25 @@ class Trainer:
 
         Returns the loss reports of the micro-batches (last pipeline stage; empty elsewhere).
         """
-        cfg = self.config
+        return self._run_schedule(
+            microbatches, forward_only=False, force_all_reduce=force_all_reduce
+        )
+
+    @torch.no_grad()
+    def evaluate(self, microbatches: list[dict]) -> tuple[float, int]:
+        """Global mean loss and valid-unit count of a batch without updating anything."""
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            reports = self._run_schedule(microbatches, forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        total, count = self._global_reports(reports)[LOSS_KEY]
+        return (total / count if count else float("nan")), int(count)
+
+    def _run_schedule(self, microbatches: list[dict], **schedule_kwargs):
+        """megatron-core's schedule for this layout (no pipeline, 1F1B or interleaved)."""
         vpp = len(self.model)
         iterators = [iter(microbatches) for _ in range(vpp)]
         return get_forward_backward_func()(
@@ -174,35 +203,10 @@ class Trainer:
             data_iterator=iterators if vpp > 1 else iterators[0],
             model=self.model,
             num_microbatches=len(microbatches),
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=cfg.schedule.micro_batch_size,
-            forward_only=False,
-            force_all_reduce=force_all_reduce,
+            seq_length=self.config.data.seq_length,
+            micro_batch_size=self.config.schedule.micro_batch_size,
+            **schedule_kwargs,
         )
-
-    @torch.no_grad()
-    def evaluate(self, microbatches: list[dict]) -> tuple[float, int]:
-        """Global mean loss and valid-unit count of a batch without updating anything."""
-        cfg = self.config
-        vpp = len(self.model)
-        iterators = [iter(microbatches) for _ in range(vpp)]
-        for chunk in self.model:
-            chunk.eval()
-        try:
-            reports = get_forward_backward_func()(
-                forward_step_func=self._forward_step,
-                data_iterator=iterators if vpp > 1 else iterators[0],
-                model=self.model,
-                num_microbatches=len(microbatches),
-                seq_length=cfg.data.seq_length,
-                micro_batch_size=cfg.schedule.micro_batch_size,
-                forward_only=True,
-            )
-        finally:
-            for chunk in self.model:
-                chunk.train()
-        total, count = self._global_reports(reports)[LOSS_KEY]
-        return (total / count if count else float("nan")), int(count)
 
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
@@ -274,14 +278,22 @@ class Trainer:
                 self.iteration += 1
                 history.append(result)
                 self._account(result)
-                if (self.iteration % cfg.logging.log_interval == 0 or not result.applied
-                        or len(history) == 1):
+                if (
+                    self.iteration % cfg.logging.log_interval == 0
+                    or not result.applied
+                    or len(history) == 1
+                ):
                     self._log(result)
-                if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                if (
+                    cfg.checkpoint.save_interval
+                    and self.iteration % cfg.checkpoint.save_interval == 0
+                ):
                     self.save()
                     last_saved = self.iteration
-            if cfg.checkpoint.save_dir and last_saved != self.iteration and (
-                cfg.checkpoint.save_at_end or self.iteration < cfg.schedule.train_iters
+            if (
+                cfg.checkpoint.save_dir
+                and last_saved != self.iteration
+                and (cfg.checkpoint.save_at_end or self.iteration < cfg.schedule.train_iters)
             ):
                 self.save()
         finally:
@@ -295,9 +307,14 @@ class Trainer:
         self.skipped_steps += 1
         self.consecutive_nonfinite += 1
         if dist.get_rank() == 0:
-            log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update "
-                        "skipped (%d in a row)", self.iteration, result.loss, result.grad_norm,
-                        self.consecutive_nonfinite)
+            log.warning(
+                "step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update "
+                "skipped (%d in a row)",
+                self.iteration,
+                result.loss,
+                result.grad_norm,
+                self.consecutive_nonfinite,
+            )
         limit = self.config.stage.max_consecutive_nonfinite
         if self.consecutive_nonfinite >= limit:
             raise NonFiniteLossError(
@@ -357,7 +374,9 @@ class Trainer:
         if source is None:
             return
         state = self.checkpointer.load(
-            source, chunks=self.model, optimizer=self.optimizer,
+            source,
+            chunks=self.model,
+            optimizer=self.optimizer,
             weights_only=cfg.load_weights_only,
         )
         self._loaded_from = source
@@ -377,5 +396,7 @@ def _broadcast_names(names: list[str]) -> list[str]:
     """Report names known on the last pipeline stage, shared with every rank."""
     holder = [names]
     last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.broadcast_object_list(
+        holder, src=last, group=parallel_state.get_pipeline_model_parallel_group()
+    )
     return holder[0]

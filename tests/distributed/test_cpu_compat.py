@@ -6,6 +6,8 @@ from megatron_keye.testing.distributed import run_workers
 
 
 def shim_worker():
+    import os
+
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -14,8 +16,10 @@ def shim_worker():
     from megatron_keye.runtime import cpu_compat
     from megatron_keye.runtime.parallel import ParallelDims
 
+    os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)  # may be inherited from the test process
     ParallelDims().initialize(seed=3)
     out = {"applied": cpu_compat.is_applied()}
+    out["max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     out["current_device"] = str(torch.cuda.current_device())
     out["cuda_factory"] = str(torch.zeros(2, device="cuda").device)
     out["to_cuda"] = str(torch.ones(1).to("cuda").device)
@@ -47,3 +51,4 @@ def test_cpu_shims():
     assert r["type_outside"] == "torch.FloatTensor"
     assert r["default_restored"] and r["forked_differs"]
     assert r["reduce_scatter_local"]
+    assert r["max_connections"] == "1"  # silences megatron's per-backward CUDA stream advice

@@ -1,17 +1,11 @@
 """Our video front end against the released keye-vl-utils 1.5.2 (optional oracle).
 
-These tests run only where keye-vl-utils, OpenCV, einops and decord are installed (for example
-`pip install opencv-python-headless keye-vl-utils==1.5.2 einops`); the suite proves correctness
-without them through hand-computed tables and plain reference implementations. keye-vl-utils imports
-torchvision, which has no wheel matching this torch, but never uses it on this path, so small
-stand-in modules are registered first.
+keye-vl-utils, OpenCV and einops come with the `dev` extra that `make test` installs; where they
+are missing these tests skip, and the rest of the suite still checks the same behaviour through
+hand-computed tables and plain reference implementations.
 """
 
 from __future__ import annotations
-
-import importlib
-import sys
-import types
 
 import pytest
 import torch
@@ -19,42 +13,17 @@ import torch
 from megatron_keye.data.synthetic_media import Scene, write_video
 from megatron_keye.data.video_config import VideoConfig
 from megatron_keye.data.video_pipeline import load_video
+from megatron_keye.testing.keye_reference import import_vision_process
 
 
 def keye_vision_process():
-    """Import keye_vl_utils.vision_process with torchvision stubbed (skips if unavailable).
-
-    The stand-ins live in sys.modules only during the import (the module keeps its references),
-    so nothing else in the test session sees a fake torchvision.
-    """
+    """keye_vl_utils.vision_process, or a skip naming what is missing (a broken install too)."""
     for name in ("cv2", "einops", "decord"):
-        pytest.importorskip(name, exc_type=ImportError)  # also a broken install
-    if "keye_vl_utils.vision_process" in sys.modules:
-        return sys.modules["keye_vl_utils.vision_process"]
-    torchvision = types.ModuleType("torchvision")
-    io_module = types.ModuleType("torchvision.io")
-    transforms = types.ModuleType("torchvision.transforms")
-    transforms.InterpolationMode = types.SimpleNamespace(
-        NEAREST="nearest", BILINEAR="bilinear", BICUBIC="bicubic", LANCZOS="lanczos"
-    )
-    torchvision.io, torchvision.transforms = io_module, transforms
-    stubs = {
-        "torchvision": torchvision,
-        "torchvision.io": io_module,
-        "torchvision.transforms": transforms,
-    }
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
+        pytest.importorskip(name, exc_type=ImportError)
     try:
-        return importlib.import_module("keye_vl_utils.vision_process")
+        return import_vision_process()
     except ImportError as error:
         pytest.skip(f"keye-vl-utils not importable: {error}")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 @pytest.fixture(scope="module")
