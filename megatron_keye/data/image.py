@@ -157,6 +157,22 @@ def resize_uint8(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return out.reshape(*batch_shape, *out.shape[-3:])
 
 
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize a uint8 RGB image [3, H, W] the way the released pipeline does: PIL bicubic.
+
+    keye-vl-utils' `fetch_image` resizes with `PIL.Image.resize` (bicubic for RGB) to the
+    smart_resize size, and the processor then finds the image at its target size; images must see
+    the same pixels here. (Video frames go through `resize_uint8`, as the processor does them.)
+    """
+    from PIL import Image
+
+    if tuple(image.shape[-2:]) == (height, width):
+        return image  # PIL returns an unchanged copy for its own size
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    resized = pil.resize((width, height), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+
+
 def normalize(
     images: torch.Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
@@ -197,7 +213,7 @@ class ImageInputs:
 def preprocess_image(
     source: object, *, config: ImageConfig | None = None, key: str | None = None
 ) -> ImageInputs:
-    """Load, smart-resize (bilinear, antialiased), normalize and patchify one image.
+    """Load, smart-resize (PIL bicubic, as keye-vl-utils' fetch_image), normalize and patchify.
 
     The token count is gh * gw / merge_size^2: one LLM token per 2x2 patch block.
     """
@@ -214,7 +230,7 @@ def preprocess_image(
         )
     except ValueError as error:
         raise ValueError(f"image {describe_source(source, key)}: {error}") from error
-    resized = resize_uint8(image, target_h, target_w)
+    resized = resize_image(image, target_h, target_w)
     pixels = normalize(resized, mean=config.image_mean, std=config.image_std)
     rows, grid = patchify(pixels, patch_size=config.patch_size)
     tokens = grid[0] * grid[1] * grid[2] // (config.merge_size**2)

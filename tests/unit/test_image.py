@@ -151,3 +151,44 @@ def test_image_config_validates_fields():
         ImageConfig(min_pixels=10_000, max_pixels=5_000)
     with pytest.raises(ValueError, match="image_std"):
         ImageConfig(image_std=(0.5, 0.0, 0.5))
+
+
+@pytest.mark.parametrize(
+    ("height", "width"),
+    [(100, 150), (20, 30), (33, 1300), (4500, 4000), (721, 1283)],  # round, up, wide, down, odd
+)
+def test_images_match_keye_vl_utils_fetch_image(tmp_path, height, width):
+    """Same resized pixels as the released pipeline (fetch_image's PIL resize), then our rows."""
+    pytest.importorskip("cv2", exc_type=ImportError)
+    from megatron_keye.testing.keye_reference import import_vision_process
+
+    try:
+        vision_process = import_vision_process()
+    except ImportError as error:
+        pytest.skip(f"keye-vl-utils not importable: {error}")
+    path = tmp_path / "image.png"
+    Image.fromarray(synthetic_image(height, width, seed=height + width)).save(path)
+    theirs = torch.from_numpy(np.asarray(vision_process.fetch_image({"image": str(path)})).copy())
+    theirs = theirs.permute(2, 0, 1)
+    ours = preprocess_image(str(path))
+    _, gh, gw = ours.grid_thw
+    assert tuple(theirs.shape[1:]) == (gh * 14, gw * 14)
+    expected_rows = (theirs.float() / 255 - 0.5) / 0.5
+    rows = ours.pixel_values.view(gh, gw, 3, 14, 14).permute(2, 0, 3, 1, 4).reshape(theirs.shape)
+    assert torch.equal(rows, expected_rows)
+
+
+def test_normalize_equals_transformers_rescale_then_normalize_on_every_value():
+    """The HF image processors' arithmetic (x * 1/255 in float64, to float32, then (x - m) / s)."""
+    from transformers.image_transforms import normalize as hf_normalize
+    from transformers.image_transforms import rescale
+    from transformers.image_utils import ChannelDimension
+
+    last = ChannelDimension.LAST
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    values[..., 1] = values[..., 1][::-1]
+    for mean, std in (((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))):
+        theirs = rescale(values, 1 / 255, data_format=last, input_data_format=last)
+        theirs = hf_normalize(theirs, mean=mean, std=std, data_format=last, input_data_format=last)
+        ours = normalize(torch.from_numpy(values).permute(2, 0, 1), mean=mean, std=std)
+        assert np.array_equal(ours.permute(1, 2, 0).numpy(), theirs)
