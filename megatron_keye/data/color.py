@@ -49,7 +49,7 @@ def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
     Channel extremes are taken on uint8 and the hue numerator in int16, where OpenCV's three cases
     are chosen with all-ones bit masks (`torch.where` on these sizes is several times slower);
     both table lookups use `index_select` with int32 indices (faster than advanced indexing).
-    Callers with many frames pass chunks of a few frames so the temporaries stay in cache.
+    Callers with many frames pass one frame (or a few) at a time so the temporaries stay in cache.
     """
     if images.dtype != torch.uint8 or images.dim() < 3 or images.shape[-3] != 3:
         raise ValueError(

@@ -159,13 +159,9 @@ def test_image_config_validates_fields():
 )
 def test_images_match_keye_vl_utils_fetch_image(tmp_path, height, width):
     """Same resized pixels as the released pipeline (fetch_image's PIL resize), then our rows."""
-    pytest.importorskip("cv2", exc_type=ImportError)
-    from megatron_keye.testing.keye_reference import import_vision_process
+    from tests.unit.test_video_oracle import keye_vision_process
 
-    try:
-        vision_process = import_vision_process()
-    except ImportError as error:
-        pytest.skip(f"keye-vl-utils not importable: {error}")
+    vision_process = keye_vision_process()
     path = tmp_path / "image.png"
     Image.fromarray(synthetic_image(height, width, seed=height + width)).save(path)
     theirs = torch.from_numpy(np.asarray(vision_process.fetch_image({"image": str(path)})).copy())
