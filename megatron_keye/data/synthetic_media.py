@@ -171,3 +171,182 @@ def image_bytes(image: np.ndarray, *, format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=format)
     return buffer.getvalue()
+
+
+# ---- stamped clips in many codecs (which source frame did a decoder deliver?) -------------------
+
+STAMP_BITS = 8  # frame numbers 0..255
+STAMP_BLOCK = 8  # pixels per stamp block side; the stamp fills the top 2 block rows of 8 blocks
+
+
+def stamped_frame(index: int, *, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3]: frame `index`'s number as a binary stamp over a moving colour pattern.
+
+    The top-left 64 x 16 pixels hold the stamp: block row 0 has bit b of `index` in block b
+    (light = 1, dark = 0), block row 1 its complement, blocks of 8 x 8 pixels, so it survives
+    lossy coding and chroma subsampling. The rest is a smooth colour field that drifts with
+    `index`, so decoders' colour conversions and interpolations show in the pixels.
+    """
+    if width < STAMP_BITS * STAMP_BLOCK or height < 3 * STAMP_BLOCK:
+        raise ValueError(f"stamped_frame: {height}x{width} is too small for the stamp")
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    cols = np.arange(width, dtype=np.float32)[None, :]
+    phase = index * 0.15
+    red = 128 + 90 * np.sin(cols / 9.0 + phase)
+    green = 128 + 90 * np.sin(rows / 7.0 - phase * 0.7)
+    blue = 128 + 90 * np.sin((rows + cols) / 11.0 + phase * 1.3)
+    image = np.stack(np.broadcast_arrays(red, green, blue), axis=-1).clip(0, 255).astype(np.uint8)
+    block = STAMP_BLOCK
+    for bit in range(STAMP_BITS):
+        value = (index >> bit) & 1
+        columns = slice(bit * block, (bit + 1) * block)
+        image[0:block, columns] = 235 if value else 20
+        image[block : 2 * block, columns] = 20 if value else 235
+    return image
+
+
+def read_stamp(image: np.ndarray) -> int | None:
+    """The frame number stamped by `stamped_frame` (uint8 [H, W, 3], upright), or None if unreadable.
+
+    Each block is read at its 4 x 4 centre; a bit counts only when its complement agrees.
+    """
+    luma = np.asarray(image, dtype=np.float32).mean(axis=-1)
+    block, inner = STAMP_BLOCK, STAMP_BLOCK // 4
+    number = 0
+    for bit in range(STAMP_BITS):
+        left = bit * block + inner
+        top = luma[inner : block - inner, left : left + block - 2 * inner].mean()
+        bottom = luma[block + inner : 2 * block - inner, left : left + block - 2 * inner].mean()
+        if (top > 128) == (bottom > 128):
+            return None
+        number |= int(top > 128) << bit
+    return number
+
+
+@dataclass(kw_only=True, frozen=True)
+class ClipSpec:
+    """One clip of the codec matrix: codec, container, pixel format, timing and geometry.
+
+    `frame_times` (seconds, increasing) gives variable frame rate; otherwise frames are 1 / fps
+    apart. `start` shifts every timestamp (a stream that does not begin at 0).
+    """
+
+    name: str
+    codec: str  # a PyAV encoder name
+    container: str = "mp4"  # file extension; the muxer follows from it
+    pix_fmt: str = "yuv420p"
+    width: int = 64
+    height: int = 48
+    num_frames: int = 40
+    fps: float | tuple[int, int] = 24
+    frame_times: tuple[float, ...] | None = None
+    start: float = 0.0
+    rotation: int = 0  # display rotation in degrees (counter-clockwise, as FFmpeg stores it)
+    b_frames: bool = False
+    gop: int = 12
+    options: tuple[tuple[str, str], ...] = ()
+
+
+def phone_vfr_times(num_frames: int, *, seed: int = 7) -> tuple[float, ...]:
+    """Frame times like a phone camera's: ~30 fps with jitter and a few slow stretches."""
+    rng = np.random.default_rng(seed)
+    times, now = [], 0.0
+    for index in range(num_frames):
+        times.append(round(now, 4))
+        step = 1 / 30 + rng.uniform(-0.004, 0.004)
+        if index % 13 in (5, 6, 7):  # low light: the camera drops to ~12 fps for a moment
+            step = 1 / 12
+        now += step
+    return tuple(times)
+
+
+def codec_matrix() -> list[ClipSpec]:
+    """The clips of the codec matrix (tests and the backend measurements use these)."""
+    x264 = (("preset", "veryfast"), ("crf", "20"))
+    x265 = (("preset", "ultrafast"), ("crf", "22"), ("x265-params", "log-level=error"))
+    vpx = (("deadline", "realtime"), ("cpu-used", "8"), ("crf", "20"), ("b", "1M"))
+    return [
+        ClipSpec(name="h264", codec="libx264", fps=(30000, 1001), options=x264),
+        ClipSpec(name="h264_bframes", codec="libx264", fps=24, b_frames=True, options=x264),
+        ClipSpec(
+            name="h264_vfr",
+            codec="libx264",
+            frame_times=phone_vfr_times(40),
+            b_frames=True,
+            options=x264,
+        ),
+        ClipSpec(name="h264_offset", codec="libx264", fps=24, start=1.5, options=x264),
+        ClipSpec(name="h264_rot90", codec="libx264", rotation=90, options=x264),
+        ClipSpec(name="h264_rot180", codec="libx264", rotation=180, options=x264),
+        ClipSpec(name="h264_66x50", codec="libx264", width=66, height=50, options=x264),
+        ClipSpec(name="hevc", codec="libx265", b_frames=True, options=x265),
+        ClipSpec(
+            name="hevc_10bit", codec="libx265", pix_fmt="yuv420p10le", b_frames=True, options=x265
+        ),
+        ClipSpec(name="vp8", codec="libvpx", container="webm", options=vpx),
+        ClipSpec(name="vp9", codec="libvpx-vp9", container="webm", options=vpx),
+        ClipSpec(
+            name="vp9_odd", codec="libvpx-vp9", container="webm", width=65, height=49, options=vpx
+        ),
+        ClipSpec(
+            name="av1",
+            codec="libsvtav1",
+            container="mp4",
+            width=64,
+            height=64,
+            options=(("preset", "12"), ("crf", "30")),
+        ),
+        ClipSpec(name="mpeg4", codec="mpeg4"),
+        ClipSpec(name="mpeg4_odd", codec="mpeg4", width=65, height=49),
+        ClipSpec(name="mjpeg", codec="mjpeg", container="avi", pix_fmt="yuvj420p"),
+        ClipSpec(
+            name="mjpeg_odd",
+            codec="mjpeg",
+            container="avi",
+            pix_fmt="yuvj420p",
+            width=65,
+            height=49,
+        ),
+        ClipSpec(name="h264_10bit", codec="libx264", pix_fmt="yuv420p10le", options=x264),
+        ClipSpec(name="mpeg2_ts", codec="mpeg2video", container="ts"),
+        ClipSpec(
+            name="mpegts_bframes", codec="libx264", container="ts", b_frames=True, options=x264
+        ),
+    ]
+
+
+def write_stamped_clip(path: str | os.PathLike, spec: ClipSpec) -> Path:
+    """Encode `spec.num_frames` stamped frames (`stamped_frame`) as `spec` says."""
+    from fractions import Fraction
+
+    import av
+
+    path = Path(path)
+    rate = Fraction(*spec.fps) if isinstance(spec.fps, tuple) else Fraction(spec.fps)
+    if spec.frame_times is not None:
+        times = [Fraction(t).limit_denominator(90000) for t in spec.frame_times]
+    else:
+        times = [index / rate for index in range(spec.num_frames)]
+    # CFR clips count in frame periods (some encoders need a small time base denominator).
+    time_base = Fraction(1, 90000) if spec.frame_times is not None else 1 / rate
+    options = dict(spec.options)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(spec.codec, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, spec.pix_fmt
+        codec = stream.codec_context
+        codec.time_base = time_base
+        stream.time_base = time_base
+        codec.gop_size = spec.gop
+        codec.max_b_frames = 2 if spec.b_frames else 0
+        if spec.codec in ("mpeg4", "libvpx", "libvpx-vp9"):
+            codec.bit_rate = 2_000_000
+        if spec.rotation:
+            stream.set_display_rotation(spec.rotation)
+        for index, when in enumerate(times[: spec.num_frames]):
+            image = stamped_frame(index, height=spec.height, width=spec.width)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = round((when + Fraction(spec.start).limit_denominator(1000)) / time_base)
+            frame.time_base = time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path

@@ -2,9 +2,11 @@
 
 Sampling follows keye-vl-utils 1.5.2 (`smart_nframes`): fps = min(config.fps, video fps), a frame
 cap of int(total_pixels / min_pixels) (1365 by default), indices
-`torch.linspace(0, n - 1, nframes).round()` and timestamps index / fps in seconds.
+`torch.linspace(0, n - 1, nframes).round()` and timestamps index / fps in seconds
+(`config.timestamps = "pts"`: the frames' true presentation times instead).
 
-Both backends (`video_backends.py`) return the same frames bit for bit. Frames are decoded in a
+`backend: auto` picks, per stream, the reader (`video_backends.choose_backend`) that delivers the
+right frames with decord's pixels where decord's are right. Frames are decoded in a
 background thread into one buffer and become available in order (`VideoStream.wait_for`), so
 SlowFast classification runs on the first frames while later ones are still being decoded;
 `decode_video` simply waits for all of them. Errors (not a video, truncated, no frames, a decoder
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from megatron_keye.data.image import describe_source
-from megatron_keye.data.video_backends import BackendError, open_reader
+from megatron_keye.data.video_backends import BackendError, auto_backend, open_reader
 from megatron_keye.data.video_config import VideoConfig
 
 T = TypeVar("T")
@@ -51,6 +53,7 @@ class DecodedVideo:
     total_frames: int
     backend: str
     source_name: str
+    backend_reason: str = ""  # why `backend: auto` chose this reader
 
     @property
     def num_frames(self) -> int:
@@ -110,6 +113,25 @@ def frame_range(
     return first, last
 
 
+def frame_range_by_times(
+    times: list[float], *, start: float | None, end: float | None, name: str
+) -> tuple[int, int]:
+    """[first, last] frame numbers whose presentation time (sorted seconds) lies in [start, end]."""
+    import bisect
+
+    for label, value in (("start", start), ("end", end)):
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise VideoDecodeError(f"video {name}: {label}={value} must be a time >= 0 in seconds")
+    first = 0 if start is None else bisect.bisect_left(times, start)
+    last = len(times) - 1 if end is None else bisect.bisect_right(times, end) - 1
+    if first > last:
+        raise VideoDecodeError(
+            f"video {name}: no frame lies in start={start}, end={end} (frames span "
+            f"{times[0]:.3f} to {times[-1]:.3f} s, {len(times)} frames)"
+        )
+    return first, last
+
+
 def sample_frame_indices(
     total_frames: int,
     video_fps: float,
@@ -118,9 +140,16 @@ def sample_frame_indices(
     start: float | None = None,
     end: float | None = None,
     name: str = "<video>",
+    times: list[float] | None = None,
 ) -> torch.Tensor:
-    """Frame numbers to decode: linspace over the (trimmed) clip, rounded, as the reference."""
-    first, last = frame_range(total_frames, video_fps, start=start, end=end, name=name)
+    """Frame numbers to decode: linspace over the (trimmed) clip, rounded, as the reference.
+
+    `times` (every frame's presentation time) trims by those instead of index / fps.
+    """
+    if times is not None:
+        first, last = frame_range_by_times(times, start=start, end=end, name=name)
+    else:
+        first, last = frame_range(total_frames, video_fps, start=start, end=end, name=name)
     clip_frames = last - first + 1
     nframes = smart_nframes(clip_frames, video_fps, config=config)
     indices = torch.linspace(0, clip_frames - 1, nframes).round().long()
@@ -217,13 +246,25 @@ class VideoStream:
     `result()` waits for all of them. Metadata (indices, timestamps, fps) is known at once.
     """
 
-    def __init__(self, *, name: str, reader, indices: torch.Tensor, config: VideoConfig):
+    def __init__(
+        self,
+        *,
+        name: str,
+        reader,
+        indices: torch.Tensor,
+        config: VideoConfig,
+        timestamps: torch.Tensor | None = None,
+        backend_reason: str = "",
+    ):
         self.name = name
         self.indices = indices
         self.video_fps = reader.fps
         self.total_frames = reader.total_frames
-        self.timestamps = frame_timestamps(indices, reader.fps)
+        self.timestamps = (
+            frame_timestamps(indices, reader.fps) if timestamps is None else timestamps
+        )
         self.backend = reader.name
+        self.backend_reason = backend_reason
         self._config = config
         self._buffer = _FrameBuffer(len(indices))
         self._deadline = (
@@ -283,18 +324,45 @@ class VideoStream:
             total_frames=self.total_frames,
             backend=self.backend,
             source_name=self.name,
+            backend_reason=self.backend_reason,
         )
 
 
-def _backends_for(config: VideoConfig, name: str) -> list[str]:
-    if config.backend == "auto":
-        # PyAV first: our reader returns decord's frames bit for bit and, skipping unwanted
-        # non-reference frames and decoding keyframe segments in parallel, is about twice as fast
-        # as decord (docs/bench_video.md); decord stays the fallback.
-        return ["pyav", "decord"] if decord_available() else ["pyav"]
-    if config.backend == "decord" and not decord_available():
+def _open_reader(backend: str, source, config: VideoConfig):
+    return _call_with_timeout(
+        lambda: open_reader(backend, source, threads=config.decode_threads),
+        config.decode_timeout_seconds,
+        backend,
+    )
+
+
+def _reader_order(source, config: VideoConfig, name: str, failures: list[str]):
+    """[(backend, opened reader or None, reason)] to try in order, per `config.backend`.
+
+    "auto" opens the stream with PyAV, looks at it (`video_backends.auto_backend`) and puts the
+    reader the rule table picks first, the other one second; when PyAV cannot open it, decord.
+    """
+    has_decord = decord_available()
+    if config.backend == "decord" and not has_decord:
         raise VideoDecodeError(f"video {name}: backend 'decord' requested but not installed")
-    return [config.backend]
+    if config.backend != "auto":
+        return [(config.backend, None, "")]
+    try:
+        pyav = _open_reader("pyav", source, config)
+        choice, reason = _call_with_timeout(
+            lambda: auto_backend(pyav), config.decode_timeout_seconds, "pyav"
+        )
+    except Exception as error:  # decoder libraries raise their own error types
+        failures.append(f"pyav: {type(error).__name__}: {_first_line(error)}")
+        if not has_decord:
+            return []
+        return [("decord", None, "PyAV cannot open the input")]
+    pyav_entry = ("pyav", pyav, reason if choice == "pyav" else f"decord failed ({reason})")
+    if choice == "decord" and has_decord:
+        return [("decord", None, reason), pyav_entry]
+    if choice == "decord":
+        return [("pyav", pyav, f"decord not installed ({reason})")]
+    return [pyav_entry, ("decord", None, f"PyAV failed ({reason})")] if has_decord else [pyav_entry]
 
 
 def open_video_stream(
@@ -309,8 +377,10 @@ def open_video_stream(
 
     `start`/`end` (seconds) restrict sampling to frames whose time lies in [start, end];
     timestamps stay relative to the start of the video. `key` names the input in errors (else the
-    path or "<bytes len=...>"). With backend "auto", PyAV is tried first and decord (when
-    installed) takes over when PyAV cannot open the input or fails before delivering a frame.
+    path or "<bytes len=...>"). With backend "auto" the reader is chosen per stream
+    (`video_backends.choose_backend`); the other one takes over when the chosen one cannot open
+    the input or fails before delivering a frame. Decoder libraries' own logging is kept quiet;
+    a failure is reported once, as a `VideoDecodeError` naming the input.
     """
     config = config or VideoConfig()
     if isinstance(source, bytearray | memoryview):
@@ -325,27 +395,49 @@ def open_video_stream(
     if not isinstance(source, bytes) and not os.path.isfile(source):
         raise VideoDecodeError(f"video {name}: no such file")
 
-    failures = []
-    backends = _backends_for(config, name)
-    for position, backend in enumerate(backends):
-        try:
-            reader = _call_with_timeout(
-                lambda backend=backend: open_reader(backend, source, threads=config.decode_threads),
-                config.decode_timeout_seconds,
-                backend,
-            )
-        except Exception as error:  # decoder libraries raise their own error types
-            failures.append(f"{backend}: {type(error).__name__}: {_first_line(error)}")
-            continue
+    failures: list[str] = []
+    order = _reader_order(source, config, name, failures)
+    for position, (backend, reader, reason) in enumerate(order):
+        if reader is None:
+            try:
+                reader = _open_reader(backend, source, config)
+            except Exception as error:  # decoder libraries raise their own error types
+                failures.append(f"{backend}: {type(error).__name__}: {_first_line(error)}")
+                continue
         if reader.total_frames < 1:
             raise VideoDecodeError(f"video {name}: the video has no frames")
         if not (math.isfinite(reader.fps) and reader.fps > 0):
             raise VideoDecodeError(f"video {name}: unknown frame rate ({reader.fps})")
+        times = None
+        if config.timestamps == "pts":
+            try:
+                times = reader.frame_times(list(range(reader.total_frames)))
+            except Exception as error:
+                failures.append(f"{backend}: no presentation times: {_first_line(error)}")
+                continue
         indices = sample_frame_indices(
-            reader.total_frames, reader.fps, config=config, start=start, end=end, name=name
+            reader.total_frames,
+            reader.fps,
+            config=config,
+            start=start,
+            end=end,
+            name=name,
+            times=times,
         )
-        stream = VideoStream(name=name, reader=reader, indices=indices, config=config)
-        if position + 1 < len(backends):  # a backend failing before its first frame falls back
+        timestamps = (
+            None
+            if times is None
+            else torch.tensor([times[i] for i in indices.tolist()], dtype=torch.float32)
+        )
+        stream = VideoStream(
+            name=name,
+            reader=reader,
+            indices=indices,
+            config=config,
+            timestamps=timestamps,
+            backend_reason=reason,
+        )
+        if position + 1 < len(order):  # a backend failing before its first frame falls back
             try:
                 stream.wait_for(1)
             except VideoDecodeError as error:

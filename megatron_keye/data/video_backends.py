@@ -3,7 +3,11 @@
 decord numbers a video's frames by sorting the packets of its video stream by pts, counts them as
 the frame total and reports the stream's average frame rate; it converts frames to RGB24 with
 FFmpeg's swscale and turns them upright by the display matrix. The PyAV reader reproduces all of
-that, so both return the same frames bit for bit (the tests compare them).
+that. Both readers deliver the same (right) frames wherever decord's are right, and the same pixels
+for most streams; where the two FFmpeg builds convert to RGB differently (more than 8 bits per
+sample, odd sizes with subsampled chroma) or decord is wrong or cannot decode, `choose_backend`
+picks the reader to use (the rule table is below and in the README; tests measure it on a codec
+matrix).
 
 decord reads a batch keyframe segment by keyframe segment: for the first wanted frame of a segment
 it seeks to the segment's keyframe (flushing the decoder) and decodes forward, never decoding the
@@ -23,9 +27,12 @@ can start working on the first frames while later ones are still being decoded.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import os
 import threading
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Protocol
 
 import numpy as np
@@ -52,19 +59,68 @@ def _open_source(source: str | os.PathLike | bytes):
     return io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
 
 
+_STDERR_LOCK = threading.Lock()
+_decord_quiet = False
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send the process's native stderr (fd 2) to /dev/null while decord opens an input.
+
+    decord logs a failed open with the whole "file name", which for bytes is the input itself;
+    our caller reports the failure once, in its own words. Other threads' stderr output in this
+    short window is lost too (the lock keeps concurrent opens from undoing each other's redirect).
+    """
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no usable fd 2: nothing to silence
+            yield
+            return
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 2)
+            finally:
+                os.close(devnull)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _import_decord():
+    """decord, with its FFmpeg logging turned off (failures are reported by the caller)."""
+    global _decord_quiet
+    import decord
+
+    if not _decord_quiet:
+        decord.logging.set_level(decord.logging.QUIET)
+        _decord_quiet = True
+    return decord
+
+
 class DecordReader:
     """decord.VideoReader: frame count and fps at open, frames through get_batch."""
 
     name = "decord"
 
     def __init__(self, source: str | os.PathLike | bytes, *, threads: int):
-        import decord
-
-        self._reader = decord.VideoReader(
-            _open_source(source), ctx=decord.cpu(0), num_threads=threads
-        )
+        decord = _import_decord()
+        with _native_stderr_silenced():
+            self._reader = decord.VideoReader(
+                _open_source(source), ctx=decord.cpu(0), num_threads=threads
+            )
         self.total_frames = len(self._reader)
         self.fps = float(self._reader.get_avg_fps())
+
+    def frame_times(self, indices: list[int]) -> list[float]:
+        """Presentation times (s) of frames, from decord (rounded by it to 0.1 ms), from frame 0."""
+        if not indices:
+            return []
+        first = float(self._reader.get_frame_timestamp([0])[0, 0])
+        times = self._reader.get_frame_timestamp(list(indices))[:, 0]
+        return [float(t) - first for t in times]
 
     def read_into(self, sink: FrameSink, indices: list[int]) -> None:
         for first in range(0, len(indices), _DECORD_CHUNK):
@@ -97,6 +153,9 @@ class PyAVReader:
             rate = stream.average_rate
             self.fps = float(rate) if rate else float("nan")
             self._codec_name = stream.codec_context.name
+            self._time_base = stream.time_base or Fraction(0)
+            video_format = stream.codec_context.format
+            container_format = container.format.name
             pts, keyframes = [], []
             for packet in container.demux(stream):
                 if packet.size == 0 and packet.pts is None and packet.dts is None:
@@ -109,6 +168,32 @@ class PyAVReader:
         self._sorted_pts = sorted(pts) if self._pts_valid else []
         self._keyframes = keyframes
         self.frames_decoded = 0  # frames the decoders produced in the last pass (diagnostics)
+        self.info = StreamInfo.of(
+            container_format,
+            self._codec_name,
+            video_format,
+            reorders=self._pts_valid and self._sorted_pts != pts,
+        )
+        self._rotation: int | None = None
+
+    @property
+    def rotation(self) -> int:
+        """The display rotation in degrees (0, 90, 180, 270), read from the first decoded frame."""
+        if self._rotation is None:
+            self._rotation = 0
+            with self._open() as container:
+                stream = next(s for s in container.streams.video if s.index == self._stream_index)
+                for frame in container.decode(stream):
+                    self._rotation = round(frame.rotation / 90) % 4 * 90 if frame.rotation else 0
+                    break
+        return self._rotation
+
+    def frame_times(self, indices: list[int]) -> list[float]:
+        """Presentation times (s) of frames, from the first frame's (exact: pts x time base)."""
+        if not self._pts_valid or not self._time_base:
+            raise BackendError("the stream has no usable presentation timestamps")
+        first = self._sorted_pts[0]
+        return [float((self._sorted_pts[i] - first) * self._time_base) for i in indices]
 
     def _open(self):
         source = self._source
@@ -257,6 +342,96 @@ class PyAVReader:
                     size = size or (image.shape[0], image.shape[1])
                     sink.put(slot, torch.from_numpy(image))
         self.frames_decoded = ordinal
+
+
+@dataclass(kw_only=True, frozen=True)
+class StreamInfo:
+    """What `choose_backend` looks at: properties of a video stream known when it is opened."""
+
+    container: str  # FFmpeg demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "mpegts"
+    codec: str  # FFmpeg decoder name, e.g. "h264", "hevc", "mpeg4", "av1"
+    pix_fmt: str  # e.g. "yuv420p", "yuv420p10le" ("" when unknown)
+    bit_depth: int  # bits per sample of the first component (8 when unknown)
+    odd_subsampled: bool  # an odd width (height) in a format with horizontally (vertically)
+    # subsampled chroma, e.g. 65 x 49 in 4:2:0
+    reorders: bool  # frames are presented in another order than decoded (B-frames)
+
+    @classmethod
+    def of(cls, container: str, codec: str, video_format, *, reorders: bool) -> StreamInfo:
+        pix_fmt, bit_depth, odd = "", 8, False
+        if video_format is not None:
+            pix_fmt = video_format.name
+            components = video_format.components
+            if components:
+                bit_depth = int(components[0].bits)
+            width, height = int(video_format.width), int(video_format.height)
+            if len(components) >= 3 and width and height:
+                chroma = components[1]
+                odd = (width % 2 == 1 and chroma.width < width) or (
+                    height % 2 == 1 and chroma.height < height
+                )
+        return cls(
+            container=container,
+            codec=codec,
+            pix_fmt=pix_fmt,
+            bit_depth=bit_depth,
+            odd_subsampled=odd,
+            reorders=reorders,
+        )
+
+
+# How `backend: auto` picks a reader per stream (first matching row), as measured on the codec
+# matrix in tests/unit/test_video_codecs.py. "Right frames" means the frame numbered i is the
+# i-th picture in presentation order; where decord's are right, its pixels are the target (they
+# are what keye-vl-utils feeds the model).
+#
+# | stream                                     | reader | why                                       |
+# |--------------------------------------------|--------|-------------------------------------------|
+# | MPEG-TS or MPEG-PS container               | pyav   | decord delivers wrong frames after seeks  |
+# | AV1                                        | pyav   | decord cannot decode it                   |
+# | rotated by 90 or 270 degrees               | pyav   | decord fails (malformed frame buffers)    |
+# | more than 8 bits per sample (10-bit HEVC)  | decord | the two FFmpeg builds convert to RGB      |
+# |                                            |        | differently (up to ~35-50 levels)         |
+# | odd width/height with subsampled chroma    | decord | same: chroma upsampling differs (~50)     |
+# | MPEG-4 part 2                              | decord | reported to differ by +-2 (IDCT)          |
+# | anything else (H.264, 8-bit HEVC, VP8, VP9,| pyav   | bit-exact with decord, and faster         |
+# | AV1, MJPEG, ...)                           |        |                                           |
+#
+# When the chosen reader cannot open the input or fails before its first frame, the other one
+# is used (decord cannot decode AV1, for example: PyAV reads it).
+_PYAV_CONTAINERS = ("mpegts", "mpeg")  # FFmpeg demuxer names of MPEG-TS and MPEG-PS
+_DECORD_CANNOT_DECODE = frozenset({"av1", "libdav1d", "libaom-av1"})  # PyAV's AV1 decoders
+
+
+def choose_backend(info: StreamInfo, rotation: int | None = None) -> tuple[str, str]:
+    """("pyav" | "decord", reason) for a stream, by the table above.
+
+    `rotation` (degrees) matters only when a row would pick decord; None skips that check
+    (`auto_backend` reads the rotation only then, since it costs decoding a frame).
+    """
+    if info.container in _PYAV_CONTAINERS:
+        return "pyav", f"decord misnumbers frames in {info.container} after seeking"
+    if info.codec in _DECORD_CANNOT_DECODE:
+        return "pyav", f"decord cannot decode {info.codec}"
+    if info.bit_depth > 8:
+        reason = f"{info.bit_depth}-bit samples ({info.pix_fmt}): decord's RGB conversion"
+    elif info.odd_subsampled:
+        reason = f"odd size with subsampled chroma ({info.pix_fmt}): decord's RGB conversion"
+    elif info.codec == "mpeg4":
+        reason = "MPEG-4 part 2: decord's IDCT"
+    else:
+        return "pyav", "decord's pixels (bit-exact) where decord can decode"
+    if rotation is not None and rotation % 180 == 90:
+        return "pyav", "rotated by a quarter turn: decord cannot"
+    return "decord", reason
+
+
+def auto_backend(reader: PyAVReader) -> tuple[str, str]:
+    """`choose_backend` for an opened PyAV reader (decodes its first frame only if needed)."""
+    backend, reason = choose_backend(reader.info)
+    if backend == "decord":
+        backend, reason = choose_backend(reader.info, reader.rotation)
+    return backend, reason
 
 
 def _to_rgb(frame, size: tuple[int, int] | None) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Literal
 from megatron_keye.data.image import IMAGE_FACTOR, TOKEN_PIXELS
 
 VideoBackend = Literal["auto", "decord", "pyav"]
+VideoTimestamps = Literal["index", "pts"]
 
 # The released budget floors min_pixels (and the fast-frame max) at 48 tokens, whatever the config.
 VIDEO_MIN_PIXELS_FLOOR = 48 * TOKEN_PIXELS
@@ -39,7 +40,10 @@ class VideoConfig:
     similarity_max_pixels: int = 256 * TOKEN_PIXELS  # frames are compared at <= 256 tokens
     similarity_patch_size: int = IMAGE_FACTOR  # 28x28 comparison patches
     factor: int = IMAGE_FACTOR  # every frame side is a multiple of this
-    backend: VideoBackend = "auto"  # PyAV, decord as the fallback (see video.py)
+    backend: VideoBackend = "auto"  # per stream, the reader that is right (video_backends.py)
+    # Frame times: "index" = index / average fps, as keye-vl-utils (off on variable frame rate);
+    # "pts" = true presentation times from the first frame (also used by start/end trimming).
+    timestamps: VideoTimestamps = "index"
     # PyAV: keyframe segments decoded in parallel (0: one per core, at most 4); decord: its
     # num_threads (0: automatic). Data-loader worker processes usually want 1.
     decode_threads: int = 0
@@ -85,6 +89,10 @@ class VideoConfig:
         if self.backend not in ("auto", "decord", "pyav"):
             raise ValueError(
                 f"VideoConfig.backend must be 'auto', 'decord' or 'pyav', got {self.backend!r}"
+            )
+        if self.timestamps not in ("index", "pts"):
+            raise ValueError(
+                f"VideoConfig.timestamps must be 'index' or 'pts', got {self.timestamps!r}"
             )
         if self.decode_threads < 0:
             raise ValueError(f"VideoConfig.decode_threads must be >= 0, got {self.decode_threads}")

@@ -85,11 +85,6 @@ def _with_budget(
     return VideoSample(decoded=decoded, frame_types=frame_types, budget=budget)
 
 
-def sample_from_frames(decoded: DecodedVideo, *, config: VideoConfig) -> VideoSample:
-    """Classify already decoded frames and choose slow/fast sizes under the budget."""
-    return _with_budget(decoded, classify_slow_fast(decoded.frames, config=config), config)
-
-
 def load_video(
     source: str | os.PathLike | bytes,
     *,
