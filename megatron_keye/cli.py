@@ -73,7 +73,8 @@ def _convert(argv: list[str]) -> int:
     exp.add_argument("--checkpoint", required=True, help="a checkpoint or a save dir (uses latest)")
     exp.add_argument("--out", required=True)
     exp.add_argument("--tokenizer", help="tokenizer directory to ship with the export")
-    exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="default: the HF source's dtype (imported models), else the run's")
     args = parser.parse_args(argv)
     from megatron_keye import convert
 
@@ -121,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     configure_logging()
+    from megatron_keye.runtime.spawn import RankError
+
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ValueError as err:  # ConfigError and friends: one clear line, no traceback
+    # ConfigError and friends, a missing file or directory, or any of these raised inside a
+    # spawned rank: one clear line, no traceback.
+    except (ValueError, OSError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,13 @@ Import runs on TP×PP ranks (spawned here unless already launched with that many
 builds its stage, reads only its own tensors from the safetensors files and the ranks write one
 checkpoint together. The checkpoint is layout-free, so it also loads at any other TP/PP/DP.
 Export loads a checkpoint into one unsharded process and writes safetensors + config.json
-(+ the tokenizer files, when given) that `transformers` loads directly.
+(+ the tokenizer files, when given) that `transformers` loads directly, in the precision the HF
+source declared (recorded at import as `model.source_dtype`) or else the run's, unless `dtype`
+says otherwise.
+
+Inputs are checked in the calling process before any rank starts (a missing directory,
+config.json or safetensors file, or a layout the model cannot take, is one error naming it); an
+error inside a rank comes back as one `RankError` naming the rank.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_keye.config import config_from_dict, config_to_dict
+from megatron_keye.config import config_from_dict, config_to_dict, validate
 from megatron_keye.config.schema import TrainConfig
 from megatron_keye.models.keye_vl import hf_adapter
+from megatron_keye.runtime.spawn import spawn_ranks
 
 log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -33,35 +43,58 @@ def import_hf(hf_dir: str, out_dir: str, *, tensor: int = 1, pipeline: int = 1,
               precision: str = "fp32") -> None:
     """Write a native checkpoint (weights only) of a Qwen3ForCausalLM directory."""
     world = tensor * pipeline
+    # Everything that can be checked without the weights fails here, in one line.
+    config = hf_model_config(hf_dir, tensor=tensor, pipeline=pipeline, precision=precision)
+    validate(config, world)
+    _safetensors_index(Path(hf_dir))
     if int(os.environ.get("WORLD_SIZE", "1")) == world and "RANK" in os.environ:
         _import_rank(hf_dir=hf_dir, out_dir=out_dir, tensor=tensor, pipeline=pipeline,
                      precision=precision)
         return
-    from megatron_keye.testing.distributed import run_workers
-
-    run_workers(_import_rank, world, threads=max(1, (os.cpu_count() or 1) // world),
+    spawn_ranks(_import_rank, world, threads=max(1, (os.cpu_count() or 1) // world),
                 hf_dir=hf_dir, out_dir=out_dir, tensor=tensor, pipeline=pipeline,
                 precision=precision)
 
 
 def export_hf(checkpoint: str, out_dir: str, *, tokenizer_dir: str | None = None,
-              dtype: str = "fp32") -> Path:
-    """Write `model.safetensors` + `config.json` (+ tokenizer files) for transformers."""
+              dtype: str | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` (+ tokenizer files) for transformers.
+
+    `dtype` ("fp32", "bf16", "fp16") defaults to the HF source's (`model.source_dtype`) for an
+    imported model, else the precision of the run that wrote the checkpoint.
+    """
+    from megatron_keye.runtime.checkpoint import resolve_checkpoint_dir
+
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    if resolve_checkpoint_dir(checkpoint) is None:
+        raise FileNotFoundError(f"{checkpoint}: no checkpoint there (nor a `latest` naming one)")
+    if tokenizer_dir and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _export_rank(checkpoint=checkpoint, out_dir=out_dir, tokenizer_dir=tokenizer_dir,
                             dtype=dtype)
-    from megatron_keye.testing.distributed import run_workers
-
-    (path,) = run_workers(_export_rank, 1, threads=os.cpu_count() or 1, checkpoint=checkpoint,
+    (path,) = spawn_ranks(_export_rank, 1, threads=os.cpu_count() or 1, checkpoint=checkpoint,
                           out_dir=out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype)
     return path
 
 
 def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str) -> TrainConfig:
     """A run config whose model section matches a HF Qwen3 config.json."""
-    with open(Path(hf_dir) / "config.json") as f:
-        hf = json.load(f)
-    model = hf_adapter.model_fields_from_hf_config(hf)
+    directory = Path(hf_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{hf_dir}: no such directory (expected a Hugging Face model)")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found (a Qwen3 config.json is required)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    try:
+        model = hf_adapter.model_fields_from_hf_config(hf)
+    except KeyError as err:
+        raise ValueError(f"{config_file}: missing field {err}") from None
     return config_from_dict({
         "model": {"flavor": "8b", **model},
         "parallel": {"tensor": tensor, "pipeline": pipeline},
@@ -104,7 +137,8 @@ def _import_rank(*, hf_dir: str, out_dir: str, tensor: int, pipeline: int, preci
     )
 
 
-def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None, dtype: str) -> Path:
+def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None,
+                 dtype: str | None) -> Path:
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
@@ -126,13 +160,14 @@ def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None, dt
     )
     native = {k: v.detach() for k, v in named_parameters_global(chunks[0]).items()}
     hf = hf_adapter.native_to_hf(native, config.model)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    dtype = dtype or config.model.source_dtype or config.precision
+    torch_dtype = TORCH_DTYPES[dtype]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch_dtype).contiguous() for k, v in hf.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_config = hf_adapter.hf_config_dict(config.model)
-    hf_config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    hf_config["torch_dtype"] = HF_DTYPE_NAMES[dtype]
     if tokenizer_dir:
         _copy_tokenizer(Path(tokenizer_dir), out, hf_config)
     with open(out / "config.json", "w") as f:

@@ -33,6 +33,23 @@ class ModelConfig:
     max_position_embeddings: int = 40960
     init_std: float = 0.02
     attention_backend: Literal["auto", "sdpa", "flash", "te"] = "auto"
+    # The embedding and output layer hold `padded_vocab_size` rows: `vocab_size` rounded up to a
+    # multiple of this (as Megatron-LM's make_vocab_size_divisible_by, but independent of the
+    # tensor-parallel degree, so checkpoints reshard). The extra logit columns are masked out of
+    # every softmax, and the HF converter adds/cuts the rows.
+    make_vocab_size_divisible_by: int = 128
+    # One matrix for the token embedding and the output layer (Qwen3-0.6B/1.7B/4B); under
+    # pipeline parallelism the last stage holds a copy kept equal by megatron-core.
+    tie_word_embeddings: bool = False
+    # Precision of the Hugging Face weights this model was imported from (config.json
+    # torch_dtype); `convert export` writes it unless told otherwise. None: the run's precision.
+    source_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer (`vocab_size` rounded up)."""
+        multiple = max(self.make_vocab_size_divisible_by, 1)
+        return -(-self.vocab_size // multiple) * multiple
 
 
 @dataclass(kw_only=True)

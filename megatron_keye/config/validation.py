@@ -83,9 +83,19 @@ def _validate_model(config: TrainConfig) -> None:
             "parallel.tensor",
             f"{p.tensor} does not divide model.ffn_hidden_size ({m.ffn_hidden_size})",
         )
-    if m.vocab_size % p.tensor:
+    if m.vocab_size < 1:
+        raise ConfigError("model.vocab_size", f"must be >= 1, got {m.vocab_size}")
+    if m.make_vocab_size_divisible_by < 1:
         raise ConfigError(
-            "parallel.tensor", f"{p.tensor} does not divide model.vocab_size ({m.vocab_size})"
+            "model.make_vocab_size_divisible_by",
+            f"must be >= 1, got {m.make_vocab_size_divisible_by}",
+        )
+    if m.padded_vocab_size % p.tensor:
+        raise ConfigError(
+            "model.make_vocab_size_divisible_by",
+            f"the padded vocabulary ({m.padded_vocab_size} = model.vocab_size {m.vocab_size} "
+            f"rounded up to a multiple of {m.make_vocab_size_divisible_by}) is not divisible "
+            f"by parallel.tensor ({p.tensor}); use a multiple of {p.tensor}",
         )
     stages = p.pipeline * p.virtual_pipeline
     if m.num_layers % stages:
@@ -156,3 +166,25 @@ def _validate_schedule(config: TrainConfig, world_size: int) -> None:
         )
     if config.stage.max_consecutive_nonfinite < 1:
         raise ConfigError("stage.max_consecutive_nonfinite", "must be >= 1")
+
+
+def check_tokenizer_fits(config: TrainConfig, tokenizer=None) -> None:
+    """Refuse a tokenizer with more ids than `model.vocab_size` (an error naming both).
+
+    `tokenizer` defaults to the one `data.tokenizer` names (the shipped one when unset). Called
+    at start-up, before any batch is built: an id >= vocab_size would otherwise index a padded
+    (masked) embedding row or crash inside the embedding lookup.
+    """
+    if tokenizer is None:
+        from megatron_keye.data.tokenizer import KeyeTokenizer
+
+        source = config.data.tokenizer
+        tokenizer = KeyeTokenizer.from_dir(source) if source else KeyeTokenizer.default()
+    size = tokenizer.vocab_size
+    if size > config.model.vocab_size:
+        where = config.data.tokenizer or "the shipped default tokenizer"
+        raise ConfigError(
+            "model.vocab_size",
+            f"the tokenizer ({where}, data.tokenizer) has {size} tokens but model.vocab_size is "
+            f"{config.model.vocab_size}; use a model with at least {size} token ids",
+        )

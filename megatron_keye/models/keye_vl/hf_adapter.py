@@ -9,6 +9,13 @@ pipeline (virtual) stage holds; `merge_tensor_shards` is its inverse. Layout fac
 - linear_fc1 is [gate; up]; each tensor-parallel rank holds [gate_r; up_r].
 - Column-parallel weights (qkv, fc1, embedding, output layer) split rows, row-parallel weights
   (linear_proj, fc2) split columns; norms are replicated.
+- The native embedding and output layer have `model.padded_vocab_size` rows: HF → native appends
+  zero rows, native → HF cuts them (the exported config keeps the real `vocab_size`).
+- Tied embeddings (`model.tie_word_embeddings`): HF stores only `model.embed_tokens.weight`
+  (a `lm_head.weight` equal to it is accepted and dropped). A full native dict then holds the
+  same tensor under both `embedding.word_embeddings.weight` and `output_layer.weight`: a one-stage
+  model has no output-layer parameter and ignores the second name, while the last stage of a
+  pipeline loads its copy of the shared weight from it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ _LAYER_DIRECT = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+# Native tensors with one row per vocabulary entry (padded to `padded_vocab_size`).
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _GLOBAL_DIRECT = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -72,6 +81,13 @@ def hf_to_native(
         _check_hf_names(hf, model)
         layers = range(model.num_layers)
     out = {native: hf[name] for native, name in _GLOBAL_DIRECT.items() if name in hf}
+    if model.tie_word_embeddings:
+        out.pop("output_layer.weight", None)
+    for key in _VOCAB_ROWS:
+        if key in out:
+            out[key] = pad_vocab_rows(out[key], model)
+    if model.tie_word_embeddings and "embedding.word_embeddings.weight" in out:
+        out["output_layer.weight"] = out["embedding.word_embeddings.weight"]
     groups, per_group = model.num_query_groups, model.num_attention_heads // model.num_query_groups
     hd, h = model.head_dim, model.hidden_size
     for i in layers:
@@ -90,11 +106,15 @@ def hf_to_native(
 
 def hf_names_for_stage(model: ModelConfig, shard: StageShard) -> list[str]:
     """The HF tensor names one pipeline stage needs."""
+    embedding = _GLOBAL_DIRECT["embedding.word_embeddings.weight"]
+    head = embedding if model.tie_word_embeddings else _GLOBAL_DIRECT["output_layer.weight"]
     names = []
     if shard.pre_process:
-        names.append(_GLOBAL_DIRECT["embedding.word_embeddings.weight"])
+        names.append(embedding)
     if shard.post_process:
-        names += [_GLOBAL_DIRECT["decoder.final_layernorm.weight"], _GLOBAL_DIRECT["output_layer.weight"]]
+        names.append(_GLOBAL_DIRECT["decoder.final_layernorm.weight"])
+        if head not in names:
+            names.append(head)
     for i in range(shard.layer_offset, shard.layer_offset + shard.num_layers):
         names += [f"model.layers.{i}.{n}" for n in _hf_layer_names()]
     return names
@@ -108,8 +128,12 @@ def _hf_layer_names() -> list[str]:
 
 
 def native_to_hf(native: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """Qwen3ForCausalLM state dict from a full native state dict."""
-    out = {name: native[key] for key, name in _GLOBAL_DIRECT.items()}
+    """Qwen3ForCausalLM state dict from a full native state dict (padding rows cut)."""
+    out = {}
+    for key, name in _GLOBAL_DIRECT.items():
+        if key == "output_layer.weight" and model.tie_word_embeddings:
+            continue  # transformers ties lm_head to embed_tokens itself
+        out[name] = cut_vocab_rows(native[key], model) if key in _VOCAB_ROWS else native[key]
     groups, per_group = model.num_query_groups, model.num_attention_heads // model.num_query_groups
     hd, h = model.head_dim, model.hidden_size
     for i in range(model.num_layers):
@@ -151,6 +175,12 @@ def split_tensor(key: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> 
     return tensor.chunk(tp_size, dim=how)[tp_rank].clone()
 
 
+def tensor_parallel_dim(key: str) -> int | None:
+    """The dimension a native tensor is split along over tensor-parallel ranks (None: replicated)."""
+    how = _split_rule(key)
+    return 0 if how == "fc1" else how
+
+
 def merge_tensor_shards(key: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of `split_tensor` over all tensor-parallel ranks (in rank order)."""
     how = _split_rule(key)
@@ -186,16 +216,14 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.rms_norm_eps,
         "rope_theta": model.rope_base,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": model.tie_word_embeddings,
         "attention_bias": False,
         "initializer_range": model.init_std,
     }
 
 
 def model_fields_from_hf_config(hf: Mapping) -> dict:
-    """`ModelConfig` fields from a Qwen3 config.json (tied embeddings are refused)."""
-    if hf.get("tie_word_embeddings", False):
-        raise ValueError("config.json: tie_word_embeddings=true is not supported (Qwen3-8B is untied)")
+    """`ModelConfig` fields from a Qwen3 config.json."""
     rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 1e6)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -210,6 +238,8 @@ def model_fields_from_hf_config(hf: Mapping) -> dict:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_base=float(rope),
         max_position_embeddings=hf.get("max_position_embeddings", 40960),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        source_dtype=source_dtype(hf),
     )
     half = head_dim // 2
     sections = (hf.get("rope_scaling") or {}).get("mrope_section")
@@ -219,6 +249,42 @@ def model_fields_from_hf_config(hf: Mapping) -> dict:
         sections = [t, h, half - t - h]
     fields["mrope_section"] = list(sections)
     return fields
+
+
+def source_dtype(hf: Mapping) -> str | None:
+    """Our name ("fp32", "bf16", "fp16") for the weights' dtype a config.json declares."""
+    declared = hf.get("torch_dtype") or hf.get("dtype")  # transformers 5 writes "dtype"
+    if declared is None:
+        return None
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    name = str(declared).removeprefix("torch.")
+    if name not in names:
+        raise ValueError(f"config.json: unsupported torch_dtype {declared!r}; expected one of "
+                         f"{sorted(names)}")
+    return names[name]
+
+
+def pad_vocab_rows(tensor: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """An HF [vocab_size, h] embedding/head with zero rows appended to `padded_vocab_size`."""
+    if tensor.size(0) != model.vocab_size:
+        raise ValueError(
+            f"vocabulary tensor has {tensor.size(0)} rows but config.json vocab_size is "
+            f"{model.vocab_size}"
+        )
+    extra = model.padded_vocab_size - model.vocab_size
+    if extra == 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])], 0)
+
+
+def cut_vocab_rows(tensor: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """Inverse of `pad_vocab_rows`: the first `vocab_size` rows."""
+    if tensor.size(0) != model.padded_vocab_size:
+        raise ValueError(
+            f"vocabulary tensor has {tensor.size(0)} rows, expected the padded "
+            f"{model.padded_vocab_size}"
+        )
+    return tensor[: model.vocab_size]
 
 
 def _split_rule(key: str):
@@ -247,6 +313,15 @@ def _check_hf_names(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
     for i in range(model.num_layers):
         expected.update(f"model.layers.{i}.{n}" for n in _hf_layer_names())
     present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
+    head, embedding = _GLOBAL_DIRECT["output_layer.weight"], _GLOBAL_DIRECT["embedding.word_embeddings.weight"]
+    if model.tie_word_embeddings:
+        expected.discard(head)
+        if head in present:  # a tied state dict may list the shared matrix twice
+            if embedding in hf and not torch.equal(hf[head], hf[embedding]):
+                raise ValueError(
+                    f"tie_word_embeddings=true but {head} differs from {embedding}"
+                )
+            present.discard(head)
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         raise KeyError(

@@ -2,15 +2,26 @@
 
 One `Qwen3LanguageModel` is one pipeline (virtual) stage: the first stage embeds tokens (or takes
 precomputed embeddings, e.g. with vision features merged in), the last produces vocab-parallel
-logits [s, b, vocab/tp] for a loss head. Tensor and sequence parallelism come from megatron-core's
-layers; the attention kernel is our `CoreAttention`.
+logits [s, b, padded_vocab/tp] for a loss head. Tensor and sequence parallelism come from
+megatron-core's layers; the attention kernel is our `CoreAttention`.
+
+The embedding and output layer have `model.padded_vocab_size` rows (a multiple of
+`model.make_vocab_size_divisible_by`, independent of TP, so checkpoints reshard). The logit columns
+past `model.vocab_size` are set to the dtype's most negative value on the way out, so every
+softmax over them (loss heads, log-probs, sampling) is exactly the unpadded model's: exp of those
+columns is 0, and unlike -inf they never turn 0·log 0 into NaN.
+
+With `model.tie_word_embeddings` the output layer reuses the embedding matrix (megatron-core's
+shared embedding weight): on one pipeline stage it is the same parameter; under pipelining the
+last stage holds a copy that starts equal (`setup_embeddings_and_output_layer` all-reduces it over
+the embedding group) and stays equal because `finalize_model_grads` sums the two gradients.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
@@ -21,7 +32,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_keye.config.schema import ModelConfig, ParallelConfig
 from megatron_keye.models.keye_vl.rope import MultimodalRotaryEmbedding
-from megatron_keye.models.keye_vl.specs import decoder_block_spec
+from megatron_keye.models.keye_vl.specs import decoder_block_spec, uses_spec_activation
 from megatron_keye.ops.attention.core import resolve_backend
 from megatron_keye.ops.attention.inputs import AttentionInputs
 from megatron_keye.ops.attention.rope import RotaryTables
@@ -74,9 +85,9 @@ def transformer_config(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
-        # Take the activation from the layer spec (our in-place-backward SwiGLU); the TE spec
-        # builds TE's own fused SwiGLU from the same switch.
-        use_te_activation_func=True,
+        # Local spec: the activation is the spec's SwiGLU module (in-place backward). TE spec
+        # (megatron-core's own): no activation module, the MLP's gated SiLU (specs.py says why).
+        use_te_activation_func=uses_spec_activation(model.attention_backend),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
@@ -85,7 +96,7 @@ def transformer_config(
 
 
 class Qwen3LanguageModel(LanguageModule):
-    """One pipeline stage of the Qwen3 decoder (GQA, QK RMSNorm, SwiGLU, untied embeddings)."""
+    """One pipeline stage of the Qwen3 decoder (GQA, QK RMSNorm, SwiGLU, tied or untied)."""
 
     def __init__(
         self,
@@ -103,11 +114,12 @@ class Qwen3LanguageModel(LanguageModule):
         self.post_process = post_process
         self.vp_stage = vp_stage
         self.parallel_output = parallel_output
-        self.share_embeddings_and_output_weights = False
+        self.share_embeddings_and_output_weights = model.tie_word_embeddings
         self.model_type = ModelType.encoder_or_decoder
         self.vocab_size = model.vocab_size
+        self.padded_vocab_size = model.padded_vocab_size
         backend = model.attention_backend if model.attention_backend == "te" else resolve_backend(
-            model.attention_backend
+            model.attention_backend, dtype=config.params_dtype
         )
         # Our core attention applies RoPE itself (tables computed once per forward pass); the TE
         # spec's attention expects megatron's per-layer rotary embedding instead.
@@ -115,7 +127,7 @@ class Qwen3LanguageModel(LanguageModule):
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config,
-                vocab_size=model.vocab_size,
+                vocab_size=model.padded_vocab_size,
                 max_sequence_length=model.max_position_embeddings,
                 position_embedding_type="none",
             )
@@ -132,13 +144,18 @@ class Qwen3LanguageModel(LanguageModule):
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
-                model.vocab_size,
+                model.padded_vocab_size,
                 config=config,
                 init_method=config.init_method,
                 bias=False,
                 skip_bias_add=False,
                 gather_output=not parallel_output,
+                # Tied on one stage: the output layer borrows the embedding matrix.
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
             )
+        # Tags embedding/output parameters; when tied across stages, copies the first stage's
+        # embedding into the last stage's output layer (a collective over the embedding group).
+        self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
@@ -159,8 +176,8 @@ class Qwen3LanguageModel(LanguageModule):
 
         input_ids [b, s] (first stage, unless `decoder_input` [s, b, h] is given),
         position_ids [3, b, s], segments [b, s] (sample id per token for packed rows, optional).
-        Returns vocab-parallel logits [s, b, vocab/tp] on the last stage and hidden states
-        [s(/tp under SP), b, h] elsewhere.
+        Returns vocab-parallel logits [s, b, padded_vocab/tp] (padded columns masked) on the
+        last stage and hidden states [s(/tp under SP), b, h] elsewhere.
         """
         packed_seq_params = None
         if decoder_input is None and self.pre_process:
@@ -184,5 +201,32 @@ class Qwen3LanguageModel(LanguageModule):
         )
         if not self.post_process:
             return hidden
-        logits, _ = self.output_layer(hidden)
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if self.parallel_output:
+            start = parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
+        else:
+            start = 0
+        return mask_padded_vocab(logits, self.vocab_size, vocab_start=start)
+
+
+def mask_padded_vocab(
+    logits: torch.Tensor, vocab_size: int, *, vocab_start: int = 0
+) -> torch.Tensor:
+    """`logits` [..., n] holding vocabulary columns [vocab_start, vocab_start + n), with the
+    columns at or past `vocab_size` set to the dtype's most negative value.
+
+    Out of place and differentiable (their gradient is 0), and a no-op when the slice holds no
+    padding. A slice that is all padding (a small vocabulary at high TP) is fully masked but
+    stays in the autograd graph, so the tensor-parallel collectives of the backward still meet.
+    """
+    width = logits.size(-1)
+    first_pad = vocab_size - vocab_start
+    if first_pad >= width:
         return logits
+    pad = torch.arange(width, device=logits.device) >= first_pad
+    return logits.masked_fill(pad, torch.finfo(logits.dtype).min)
