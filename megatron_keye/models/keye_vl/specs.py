@@ -73,26 +73,43 @@ def local_layer_spec(*, attention_backend: str = "sdpa") -> ModuleSpec:
     )
 
 
-def te_layer_spec() -> ModuleSpec:
-    """The same layer on TransformerEngine kernels (GPU clusters; imported lazily)."""
-    try:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
+def uses_spec_activation(attention_backend: str) -> bool:
+    """The value `TransformerConfig.use_te_activation_func` must have for this backend's spec.
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    except (ImportError, AssertionError) as err:
-        raise ImportError(
-            "model.attention_backend='te' needs TransformerEngine (pip install megatron-keye[gpu])"
-        ) from err
+    With the switch on, megatron-core 0.16.1's MLP applies the spec's `activation_func` module
+    to the whole [gate | up] output of linear_fc1, and, when the spec has none, the config's
+    plain `activation_func` (transformer/mlp.py:136 and :163): SiLU over both halves, twice the
+    width linear_fc2 takes. With it off, the MLP does the gated SiLU itself (its `glu`).
+    - local spec: our SwiGLU module is the activation, so the switch is on;
+    - TE spec: megatron-core's own Qwen3/GPT layer (`get_gpt_layer_with_transformer_engine_spec`
+      with QK-norm and its default `use_te_activation_func=False`) has no activation module, so
+      the switch is off and the MLP computes silu(gate) * up.
+    """
+    return attention_backend != "te"
+
+
+def te_layer_spec() -> ModuleSpec:
+    """The same layer on TransformerEngine kernels: megatron-core's own GPT/Qwen3 TE layer spec
+    with QK RMSNorm (GPU clusters; imported lazily)."""
+    specs = _mcore_te_specs()
+    return specs.get_gpt_layer_with_transformer_engine_spec(
+        qk_layernorm=True, use_te_activation_func=uses_spec_activation("te")
+    )
 
 
 def decoder_block_spec(
     config: TransformerConfig, *, attention_backend: str, vp_stage: int | None
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
+    wanted = uses_spec_activation(attention_backend)
+    if config.use_te_activation_func != wanted:
+        raise ValueError(
+            f"TransformerConfig.use_te_activation_func={config.use_te_activation_func} does not "
+            f"fit the {attention_backend!r} layer spec (needs {wanted}): megatron-core's MLP "
+            f"would apply the wrong activation to linear_fc1's [gate | up] output"
+        )
     if attention_backend == "te":
-        layer, final_norm = te_layer_spec(), _te_norm()
+        layer, final_norm = te_layer_spec(), _mcore_te_specs().TENorm
     else:
         layer, final_norm = local_layer_spec(attention_backend=attention_backend), RMSNorm
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -104,7 +121,12 @@ def layer_offset(config: TransformerConfig, vp_stage: int | None) -> int:
     return get_transformer_layer_offset(config, vp_stage=vp_stage)
 
 
-def _te_norm():
-    from megatron.core.extensions.transformer_engine import TENorm
+def _mcore_te_specs():
+    """megatron-core's GPT layer-spec module, refusing when TransformerEngine is missing."""
+    from megatron.core.models.gpt import gpt_layer_specs
 
-    return TENorm
+    if not gpt_layer_specs.HAVE_TE:
+        raise ImportError(
+            "model.attention_backend='te' needs TransformerEngine (pip install megatron-keye[gpu])"
+        )
+    return gpt_layer_specs

@@ -12,6 +12,7 @@ boundary. Context parallelism will wrap these kernels here.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -23,29 +24,64 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_keye.ops.attention.inputs import AttentionInputs
-from megatron_keye.ops.attention.masks import segment_ids_from_cu_seqlens
+from megatron_keye.ops.attention.masks import segment_ids_from_cu_seqlens, segment_mask
 from megatron_keye.ops.attention.rope import rotate_to_bhsd
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("sdpa", "flash")
+# flash-attn's kernels take half precision only.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_NOTICES_GIVEN: set[str] = set()
 
 
-def resolve_backend(name: str) -> str:
-    """`auto` → flash-attn on CUDA when importable, else SDPA."""
+def resolve_backend(name: str, *, dtype: torch.dtype) -> str:
+    """The kernel for `model.attention_backend` with parameters (and activations) of `dtype`.
+
+    `auto` → flash-attn on CUDA when it is importable and `dtype` is fp16/bf16, else SDPA (an
+    fp32 run on a flash-attn machine says once per process that it uses SDPA). An explicit
+    `flash` with another dtype is refused.
+    """
     if name == "auto":
-        if torch.cuda.is_available():
-            try:
-                import flash_attn  # noqa: F401
-
-                return "flash"
-            except ImportError:
-                return "sdpa"
-        return "sdpa"
+        if not torch.cuda.is_available() or not _flash_attn_importable():
+            return "sdpa"
+        if dtype not in FLASH_DTYPES:
+            _notice_once(
+                "auto-fp32",
+                f"model.attention_backend=auto: flash-attn takes fp16/bf16 only, so this "
+                f"{_dtype_name(dtype)} run uses SDPA",
+            )
+            return "sdpa"
+        return "flash"
     if name not in BACKENDS:
         raise ValueError(
             f"model.attention_backend: {name!r} is not a core-attention backend; "
             f"use auto|{'|'.join(BACKENDS)} (or 'te' for the TransformerEngine layer spec)"
         )
+    if name == "flash" and dtype not in FLASH_DTYPES:
+        raise ValueError(
+            f"model.attention_backend: 'flash' takes fp16/bf16 only, but parameters are "
+            f"{_dtype_name(dtype)}; set precision=bf16 or use 'sdpa'/'auto'"
+        )
     return name
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _notice_once(key: str, message: str) -> None:
+    if key not in _NOTICES_GIVEN:
+        _NOTICES_GIVEN.add(key)
+        log.warning(message)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class CoreAttention(MegatronModule):
@@ -67,7 +103,7 @@ class CoreAttention(MegatronModule):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, dtype=config.params_dtype)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
@@ -135,10 +171,7 @@ def sdpa_attention(
     gqa = k.size(1) != q.size(1)
     allowed = None
     if segments is not None:
-        allowed = (segments[:, None, :, None] == segments[:, None, None, :])
-        if causal:
-            sq, sk = q.size(2), k.size(2)
-            allowed = allowed & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        allowed = segment_mask(segments, causal=causal)
     elif mask is not None:
         allowed = ~mask
     if allowed is not None:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from megatron_keye.ops.attention.masks import cu_seqlens_from_segments
+
 
 def flash_attention(q, k, v, *, causal: bool, scale: float, segments=None,
                     dropout: float = 0.0) -> torch.Tensor:
-    """flash-attn on [b, h, s, d] inputs (GQA native); returns [b, h, sq, d]."""
+    """flash-attn on [b, h, s, d] inputs (GQA native); returns [b, h, sq, d].
+
+    Packed rows (`segments` [b, s]) go through the varlen kernel, one sequence per sample;
+    samples restart at every row (`cu_seqlens_from_segments`).
+    """
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError as err:
@@ -20,10 +26,7 @@ def flash_attention(q, k, v, *, causal: bool, scale: float, segments=None,
         out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=causal)
         return out.transpose(1, 2)
     b, s = segments.shape
-    flat = segments.reshape(-1)
-    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
-    cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    cu, longest = cu_seqlens_from_segments(segments)
     out = flash_attn_varlen_func(
         q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
         v.reshape(b * s, *v.shape[2:]), cu, cu, longest, longest,
