@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -59,6 +60,49 @@ def measured_matmul_peak(
             best = min(best, time.perf_counter() - start)
         _PEAK_CACHE[key] = 2.0 * size**3 / best
     return _PEAK_CACHE[key]
+
+
+def published_bf16_peak(device_name: str) -> float | None:
+    """Datasheet dense (no sparsity) BF16 tensor-core FLOP/s of a GPU, from its CUDA name.
+
+    For MFU on GPUs, where a small probe matmul reaches well under the peak. Names as
+    `torch.cuda.get_device_name` gives them ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
+    "AMD Instinct MI300X"); None for a GPU not in the table (or without BF16 tensor cores).
+    """
+    name = " " + re.sub(r"[-_/]", " ", device_name.upper()) + " "
+    for pattern, flops in _PUBLISHED_BF16_PEAKS:
+        if re.search(pattern, name):
+            return flops
+    return None
+
+
+# (pattern over the upper-cased name, dense BF16 FLOP/s); the first match wins, so variants
+# come before their family.
+_PUBLISHED_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    (r"\bGB200\b", 2.5e15),
+    (r"\bB200\b", 2.25e15),
+    (r"\bB100\b", 1.75e15),
+    (r"\bGH200\b", 989.4e12),
+    (r"\bH200 NVL\b", 835.5e12),
+    (r"\bH200\b", 989.4e12),
+    (r"\bH100 NVL\b", 835.5e12),
+    (r"\bH100\b.*\bPCIE\b", 756.5e12),
+    (r"\bH100\b", 989.4e12),  # SXM ("H100 80GB HBM3")
+    (r"\bH800\b.*\bPCIE\b", 756.5e12),
+    (r"\bH800\b", 989.4e12),
+    (r"\bH20\b", 148e12),
+    (r"\bA100\b", 312e12),
+    (r"\bA800\b", 312e12),
+    (r"\bA30\b", 165e12),
+    (r"\bA40\b", 149.7e12),
+    (r"\bA10\b", 125e12),  # not the A10G, whose figure differs
+    (r"\bL40S\b", 362.05e12),
+    (r"\bL40\b", 181.05e12),
+    (r"\bL4\b", 121e12),
+    (r"\bMI325X\b", 1307.4e12),
+    (r"\bMI300X\b", 1307.4e12),
+    (r"\bMI250X\b", 383e12),
+)
 
 
 def peak_memory_bytes() -> int:
