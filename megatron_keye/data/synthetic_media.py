@@ -263,7 +263,8 @@ def phone_vfr_times(num_frames: int, *, seed: int = 7) -> tuple[float, ...]:
 def codec_matrix() -> list[ClipSpec]:
     """The clips of the codec matrix (tests and the backend measurements use these)."""
     x264 = (("preset", "veryfast"), ("crf", "20"))
-    x265 = (("preset", "ultrafast"), ("crf", "22"), ("x265-params", "log-level=error"))
+    x265 = (("preset", "ultrafast"), ("crf", "22"), ("x265-params", "log-level=error"))  # open GOP
+    x265_closed = (*x265[:2], ("x265-params", "log-level=error:open-gop=0"))
     vpx = (("deadline", "realtime"), ("cpu-used", "8"), ("crf", "20"), ("b", "1M"))
     return [
         ClipSpec(name="h264", codec="libx264", fps=(30000, 1001), options=x264),
@@ -282,6 +283,19 @@ def codec_matrix() -> list[ClipSpec]:
         ClipSpec(name="hevc", codec="libx265", b_frames=True, options=x265),
         ClipSpec(
             name="hevc_10bit", codec="libx265", pix_fmt="yuv420p10le", b_frames=True, options=x265
+        ),
+        ClipSpec(
+            name="hevc_10bit_closed_gop",
+            codec="libx265",
+            pix_fmt="yuv420p10le",
+            b_frames=True,
+            options=x265_closed,
+        ),
+        ClipSpec(
+            name="h264_open_gop",
+            codec="libx264",
+            b_frames=True,
+            options=(*x264, ("x264-params", "open-gop=1")),
         ),
         ClipSpec(name="vp8", codec="libvpx", container="webm", options=vpx),
         ClipSpec(name="vp9", codec="libvpx-vp9", container="webm", options=vpx),

@@ -165,6 +165,7 @@ def frame_timestamps(indices: torch.Tensor, video_fps: float) -> torch.Tensor:
 def decord_available() -> bool:
     """Whether decord can be imported (it has no wheels on some platforms)."""
     try:
+        import av  # noqa: F401  (before decord, see video_backends._import_decord)
         import decord  # noqa: F401
     except ImportError:
         return False

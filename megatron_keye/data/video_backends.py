@@ -92,6 +92,9 @@ def _native_stderr_silenced():
 def _import_decord():
     """decord, with its FFmpeg logging turned off (failures are reported by the caller)."""
     global _decord_quiet
+    # PyAV's FFmpeg libraries must be loaded before decord's bundled ones: the other way round,
+    # PyAV's libvpx encoders reject their options (measured with PyAV 18 and decord 0.6).
+    import av  # noqa: F401
     import decord
 
     if not _decord_quiet:
@@ -173,6 +176,7 @@ class PyAVReader:
             self._codec_name,
             video_format,
             reorders=self._pts_valid and self._sorted_pts != pts,
+            open_gop=self._pts_valid and _has_leading_frames(pts, keyframes),
         )
         self._rotation: int | None = None
 
@@ -355,9 +359,13 @@ class StreamInfo:
     odd_subsampled: bool  # an odd width (height) in a format with horizontally (vertically)
     # subsampled chroma, e.g. 65 x 49 in 4:2:0
     reorders: bool  # frames are presented in another order than decoded (B-frames)
+    open_gop: bool = False  # a keyframe after the first is followed (in decode order) by frames
+    # shown before it (open GOPs: HEVC CRA pictures with leading pictures, x264 --open-gop)
 
     @classmethod
-    def of(cls, container: str, codec: str, video_format, *, reorders: bool) -> StreamInfo:
+    def of(
+        cls, container: str, codec: str, video_format, *, reorders: bool, open_gop: bool = False
+    ) -> StreamInfo:
         pix_fmt, bit_depth, odd = "", 8, False
         if video_format is not None:
             pix_fmt = video_format.name
@@ -377,7 +385,21 @@ class StreamInfo:
             bit_depth=bit_depth,
             odd_subsampled=odd,
             reorders=reorders,
+            open_gop=open_gop,
         )
+
+
+def _has_leading_frames(pts: list[int], keyframes: list[int]) -> bool:
+    """Whether a keyframe other than the first has later packets (decode order) with lower pts."""
+    later_min: list[int | None] = [None] * (len(pts) + 1)
+    for position in range(len(pts) - 1, -1, -1):
+        following = later_min[position + 1]
+        later_min[position] = pts[position] if following is None else min(following, pts[position])
+    for position in keyframes:
+        following = later_min[position + 1]
+        if position > 0 and following is not None and following < pts[position]:
+            return True
+    return False
 
 
 # How `backend: auto` picks a reader per stream (first matching row), as measured on the codec
@@ -389,6 +411,8 @@ class StreamInfo:
 # |--------------------------------------------|--------|-------------------------------------------|
 # | MPEG-TS or MPEG-PS container               | pyav   | decord delivers wrong frames after seeks  |
 # | AV1                                        | pyav   | decord cannot decode it                   |
+# | open GOP (keyframes with leading frames,   | pyav   | decord seeks to such a keyframe and then  |
+# | e.g. x265's default, x264 --open-gop)      |        | delivers frames 2 or more too late        |
 # | rotated by 90 or 270 degrees               | pyav   | decord fails (malformed frame buffers)    |
 # | more than 8 bits per sample (10-bit HEVC)  | decord | the two FFmpeg builds convert to RGB      |
 # |                                            |        | differently (up to ~35-50 levels)         |
@@ -413,6 +437,8 @@ def choose_backend(info: StreamInfo, rotation: int | None = None) -> tuple[str, 
         return "pyav", f"decord misnumbers frames in {info.container} after seeking"
     if info.codec in _DECORD_CANNOT_DECODE:
         return "pyav", f"decord cannot decode {info.codec}"
+    if info.open_gop:
+        return "pyav", "open GOP: decord misnumbers frames after seeking to a keyframe"
     if info.bit_depth > 8:
         reason = f"{info.bit_depth}-bit samples ({info.pix_fmt}): decord's RGB conversion"
     elif info.odd_subsampled:
