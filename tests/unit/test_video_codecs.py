@@ -308,3 +308,22 @@ def test_damaged_clip_in_another_codec_fails_quietly(clips, capfd):
     except VideoDecodeError as error:
         assert "shard-1/hevc" in str(error)
     assert capfd.readouterr().err == ""
+
+
+# ---- keye-vl-utils itself (decord underneath) on the clips where decord's frames are right -----
+
+
+@pytest.mark.parametrize(
+    "name", ["h264_bframes", "h264_vfr", "hevc_10bit_closed_gop", "vp9_odd", "mjpeg", "mpeg4_odd"]
+)
+def test_load_video_equals_fetch_video(clips, name):
+    from megatron_keye.data.video_pipeline import load_video
+    from tests.unit.test_video_oracle import keye_vision_process
+
+    vision_process = keye_vision_process()
+    data = _clip(clips, name).read_bytes()
+    frames, kwargs = vision_process.fetch_video({"video": data, "fps": 8.0})
+    ours = load_video(data, config=VideoConfig(fps=8.0), key=name)
+    assert torch.equal(ours.frames, frames)
+    assert torch.equal(ours.timestamps, kwargs["timestamps"])
+    assert torch.equal(ours.frame_types, kwargs["frame_types"])

@@ -16,9 +16,12 @@ from megatron_keye.data.video_pipeline import load_video
 from megatron_keye.testing.keye_reference import import_vision_process
 
 
-def keye_vision_process():
-    """keye_vl_utils.vision_process, or a skip naming what is missing (a broken install too)."""
-    for name in ("cv2", "einops", "decord"):
+def keye_vision_process(*, decode: bool = True):
+    """keye_vl_utils.vision_process, or a skip naming what is missing (a broken install too).
+
+    `decode`: the test runs fetch_video's decord reader (the module imports decord only there).
+    """
+    for name in ("cv2", "einops", *(("decord",) if decode else ())):
         pytest.importorskip(name, exc_type=ImportError)
     try:
         return import_vision_process()
@@ -29,6 +32,12 @@ def keye_vision_process():
 @pytest.fixture(scope="module")
 def vision_process():
     return keye_vision_process()
+
+
+@pytest.fixture(scope="module")
+def vision_process_without_decoding():
+    """For tests that replace fetch_video's decord reader: decord need not be installed."""
+    return keye_vision_process(decode=False)
 
 
 @pytest.mark.timeout(120)
@@ -71,9 +80,11 @@ def test_fetch_video_agrees(tmp_path, vision_process, fps, height, width, codec,
             )
 
 
-def test_budget_agrees_with_reference_search(vision_process, monkeypatch):
+def test_budget_agrees_with_reference_search(vision_process_without_decoding, monkeypatch):
     """Many (slow, fast, size) combinations through fetch_video's own budget arithmetic."""
     from megatron_keye.data.video_budget import solve_video_budget
+
+    vision_process = vision_process_without_decoding
 
     sizes = [(720, 1280), (1080, 1920), (360, 640), (480, 480), (1920, 1080), (100, 3000)]
     counts = [(1, 0), (1, 119), (128, 0), (10, 300), (1, 1364), (60, 60), (400, 965), (700, 0)]
@@ -96,3 +107,13 @@ def test_budget_agrees_with_reference_search(vision_process, monkeypatch):
                 kwargs["fast_height"],
                 kwargs["fast_width"],
             ), (height, width, num_slow, num_fast)
+
+
+def test_budget_oracle_needs_no_decord(monkeypatch):
+    """The budget comparison must run where decord is missing (it never decodes)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` now raises ImportError
+    with pytest.raises(pytest.skip.Exception, match="decord"):
+        keye_vision_process()
+    assert keye_vision_process(decode=False).fetch_video is not None
