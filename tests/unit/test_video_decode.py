@@ -254,7 +254,7 @@ def test_rotated_video_is_upright_in_both_backends(tmp_path, rotation):
     if rotation == 180:
         decord = decode_video(path, config=RELEASED.with_overrides(backend="decord"))
         assert torch.equal(decord.frames, auto.frames)
-    else:  # decord returns malformed frames for quarter turns (PyAV is auto's first choice)
+    else:  # decord returns malformed frames for quarter turns (auto uses PyAV for H.264)
         assert auto.backend == "pyav"
         with pytest.raises(VideoDecodeError, match="decord"):
             decode_video(path, config=RELEASED.with_overrides(backend="decord"))
