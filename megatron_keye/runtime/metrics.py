@@ -105,6 +105,19 @@ _PUBLISHED_BF16_PEAKS: tuple[tuple[str, float], ...] = (
 )
 
 
+def peak_flops(device: torch.device, *, dtype: torch.dtype) -> float:
+    """The FLOP/s MFU is measured against, per process.
+
+    On a GPU with a published 16-bit peak (`published_bf16_peak`) and a 16-bit run, that figure
+    (a 2048² probe matmul reaches well under it); otherwise the measured matmul peak.
+    """
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        published = published_bf16_peak(torch.cuda.get_device_name(device))
+        if published:
+            return published
+    return measured_matmul_peak(device=device.type, dtype=dtype)
+
+
 def peak_memory_bytes() -> int:
     """Peak device memory (CUDA allocator) or peak resident set size of this process (CPU)."""
     if torch.cuda.is_available():

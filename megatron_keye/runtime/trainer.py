@@ -1,18 +1,20 @@
-"""The training loop: schedule → finalize grads → (skip if non-finite) clip → step → log → save.
+"""The training loop: model step → (skip if non-finite) clip → update → log → save.
 
 `Trainer.setup()` builds everything from a `TrainConfig`; `train_step(microbatches)` runs one
-global batch through megatron-core's pipeline schedule (no pipelining, 1F1B or interleaved) and
-the optimizer; `run()` loops, logs and checkpoints. Losses come from a loss head as (sum, count);
-gradients are divided once by the global count (megatron's per-token mode), so micro-batching,
-data parallelism and pipelining never change the math.
+global batch through the model step (`runtime/step.py`: megatron-core's pipeline schedule and the
+loss head) and the optimizer; `run()` loops, logs, checkpoints and stops cleanly on SIGTERM or
+SIGUSR1 (slurm's warning before the time limit) with a checkpoint. Losses come from a loss head
+as (sum, count); gradients are divided once by the global count (megatron's per-token mode), so
+micro-batching, data parallelism and pipelining never change the math.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,18 +22,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_keye.config import config_to_dict, num_microbatches, validate
 from megatron_keye.config.schema import TrainConfig
 from megatron_keye.heads import LossHead, build_loss_head
-from megatron_keye.heads.base import report_entry
 from megatron_keye.models.keye_vl.builder import build_model_chunks
 from megatron_keye.runtime.checkpoint import Checkpointer, TrainingState, resolve_checkpoint_dir
+from megatron_keye.runtime.comm import all_reduce_values
 from megatron_keye.runtime.metrics import (
     MetricsSink,
     flops_per_token,
-    measured_matmul_peak,
+    peak_flops,
     peak_memory_bytes,
 )
 from megatron_keye.runtime.optim import (
@@ -42,11 +43,14 @@ from megatron_keye.runtime.optim import (
     wrap_with_ddp,
 )
 from megatron_keye.runtime.parallel import ParallelDims
+from megatron_keye.runtime.step import LOSS_KEY, ModelStep
 
 log = logging.getLogger(__name__)
 
-# The report entry holding the (sum, count) the gradients were computed from.
-LOSS_KEY = "__loss__"
+# Signals that end a run cleanly: save at the next step boundary, then return (exit code 0).
+# SIGUSR1 is what `sbatch --signal=USR1@120` sends before the time limit; SIGTERM is a requeue,
+# a preemption or a plain `kill`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,7 +62,8 @@ class StepResult:
     """Global (all-reduced) outcome of one training step; identical on every rank."""
 
     loss: float
-    tokens: int
+    tokens: int  # every token the model processed in the global batch
+    loss_tokens: int  # the units the loss was averaged over (loss-masked tokens excluded)
     grad_norm: float
     applied: bool
     lr: float
@@ -76,7 +81,8 @@ class Trainer:
         self.iteration = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
-        self._report_names: list[str] | None = None
+        self.stop_signal: int | None = None  # set when a stop signal arrived (see STOP_SIGNALS)
+        self._pending_signal: int | None = None
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
@@ -98,6 +104,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.schedule)
         self._install_schedule_hooks()
         self.loss_head = self.loss_head or build_loss_head(cfg.stage.loss_head)
+        self.step_runner = ModelStep(
+            model=self.model,
+            loss_head=self.loss_head,
+            device=self.device,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.schedule.micro_batch_size,
+        )
+        self.tokens_per_step = cfg.schedule.global_batch_size * cfg.data.seq_length
         if self.loader is None:
             self.loader = self._build_loader()
         self.checkpointer = Checkpointer(
@@ -115,11 +129,9 @@ class Trainer:
     def _log_summary(self) -> None:
         local = sum(p.numel() for m in self.model for p in m.parameters())
         trainable = sum(p.numel() for m in self.model for p in m.parameters() if p.requires_grad)
-        counts = torch.tensor([local, trainable], dtype=torch.float64)
         # Every parameter lives on exactly one (tensor, pipeline) rank of data-parallel rank 0.
-        if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
-            counts.zero_()
-        dist.all_reduce(counts)
+        first_replica = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+        counts = all_reduce_values([local, trainable] if first_replica else [0, 0])
         if dist.get_rank() == 0:
             cfg = self.config
             log.info(
@@ -177,45 +189,21 @@ class Trainer:
 
         Returns the loss reports of the micro-batches (last pipeline stage; empty elsewhere).
         """
-        return self._run_schedule(
-            microbatches, forward_only=False, force_all_reduce=force_all_reduce
-        )
+        return self.step_runner.run(microbatches, force_all_reduce=force_all_reduce)
 
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict]) -> tuple[float, int]:
         """Global mean loss and valid-unit count of a batch without updating anything."""
+        self.finish_param_sync()
         for chunk in self.model:
             chunk.eval()
         try:
-            reports = self._run_schedule(microbatches, forward_only=True)
+            reports = self.step_runner.run(microbatches, forward_only=True)
         finally:
             for chunk in self.model:
                 chunk.train()
-        total, count = self._global_reports(reports)[LOSS_KEY]
+        total, count = self.step_runner.global_reports(reports)[LOSS_KEY]
         return (total / count if count else float("nan")), int(count)
-
-    def _run_schedule(self, microbatches: list[dict], **schedule_kwargs):
-        """megatron-core's schedule for this layout (no pipeline, 1F1B or interleaved)."""
-        vpp = len(self.model)
-        iterators = [iter(microbatches) for _ in range(vpp)]
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iterators if vpp > 1 else iterators[0],
-            model=self.model,
-            num_microbatches=len(microbatches),
-            seq_length=self.config.data.seq_length,
-            micro_batch_size=self.config.schedule.micro_batch_size,
-            **schedule_kwargs,
-        )
-
-    def _forward_step(self, data_iterator, model):
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"])
-        return output, functools.partial(self._compute_loss, batch)
-
-    def _compute_loss(self, batch, output):
-        total, count, report = self.loss_head(output, batch)
-        return total, count, {**report, LOSS_KEY: report_entry(total, count)}
 
     def train_step(self, microbatches: list[dict]) -> StepResult:
         """One optimizer step on one global batch (this rank's share of it)."""
@@ -224,7 +212,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self.forward_backward(microbatches)
-        totals = self._global_reports(reports)
+        totals = self.step_runner.global_reports(reports)
         loss_sum, count = totals.pop(LOSS_KEY)
         finite = math.isfinite(loss_sum) and count > 0
         outcome = guarded_step(self.optimizer, loss_is_finite=finite)
@@ -233,7 +221,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
         return StepResult(
             loss=loss_sum / count if count else float("nan"),
-            tokens=int(count),
+            tokens=self.tokens_per_step,
+            loss_tokens=int(count),
             grad_norm=outcome.grad_norm,
             applied=outcome.applied,
             lr=lr,
@@ -241,37 +230,33 @@ class Trainer:
             reports={k: s / c if c else float("nan") for k, (s, c) in totals.items()},
         )
 
-    def _global_reports(self, reports: list[dict]) -> dict[str, tuple[float, float]]:
-        """Sum [sum, count] reports over micro-batches, then over pipeline and data ranks.
+    def finish_param_sync(self) -> None:
+        """Make every rank's parameters current before anyone reads them outside a step.
 
-        Only the last pipeline stage holds reports; tensor-parallel peers hold identical ones,
-        so the reduction runs over the pipeline group and the data(×context) group only.
+        With `parallel.overlap_param_gather` the distributed optimizer leaves the all-gather of
+        updated parameters to the next forward pass; a checkpoint, an export or an evaluation
+        in between would read stale weights. This gathers them now (a no-op otherwise).
         """
-        if self._report_names is None:
-            self._report_names = _broadcast_names(sorted({k for r in reports for k in r}))
-        names = self._report_names
-        vec = torch.zeros(2 * len(names), dtype=torch.float64)
-        for r in reports:
-            for i, name in enumerate(names):
-                if name in r:
-                    vec[2 * i : 2 * i + 2] += r[name].detach().double().cpu()
-        vec = vec.to(self.device)
-        dist.all_reduce(vec, group=parallel_state.get_pipeline_model_parallel_group())
-        dist.all_reduce(
-            vec, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
-        vec = vec.cpu()
-        return {name: (vec[2 * i].item(), vec[2 * i + 1].item()) for i, name in enumerate(names)}
+        if not (self.config.parallel.distributed_optimizer
+                and self.config.parallel.overlap_param_gather):
+            return
+        for chunk in self.model:
+            chunk.start_param_sync(force_sync=True)
 
     # ------------------------------------------------------------------------------- loop
     def run(self) -> list[StepResult]:
-        """Train to `schedule.train_iters`, logging and checkpointing; returns the step results."""
+        """Train to `schedule.train_iters`, logging and checkpointing; returns the step results.
+
+        A stop signal (SIGTERM, SIGUSR1) ends the run at the next step boundary with a
+        checkpoint, and `run` returns normally so the process exits 0 and a requeued job resumes.
+        """
         cfg = self.config
         history = []
         last_saved = self.iteration if self._loaded_from is not None else None
         stop = cfg.schedule.train_iters
         if cfg.schedule.exit_at_iteration:
             stop = min(stop, cfg.schedule.exit_at_iteration)
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.iteration < stop:
                 result = self.train_step(self.loader.next_step())
@@ -290,15 +275,55 @@ class Trainer:
                 ):
                     self.save()
                     last_saved = self.iteration
+                if self._stop_requested():
+                    break
+            stopping_early = self.iteration < cfg.schedule.train_iters
             if (
                 cfg.checkpoint.save_dir
                 and last_saved != self.iteration
-                and (cfg.checkpoint.save_at_end or self.iteration < cfg.schedule.train_iters)
+                and (cfg.checkpoint.save_at_end or stopping_early)
             ):
                 self.save()
+            elif self.stop_signal is not None and not cfg.checkpoint.save_dir:
+                log.warning("stopping without a checkpoint: checkpoint.save_dir is not set")
+            self.finish_param_sync()
         finally:
+            self._restore_signal_handlers(previous_handlers)
             self.metrics.close()
         return history
+
+    def _install_signal_handlers(self) -> dict:
+        """Catch the stop signals (main thread only; elsewhere signals cannot be handled)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, _frame):
+            self._pending_signal = signum
+
+        return {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal; every rank gets the same answer.
+
+        Slurm signals every task, but a signal sent to one process must still stop all of
+        them at the same step, so the flag is all-reduced (one 8-byte collective per step).
+        """
+        local = self._pending_signal or 0
+        received = int(all_reduce_values([local], op=dist.ReduceOp.MAX)[0].item())
+        if received:
+            self.stop_signal = received
+            if dist.get_rank() == 0:
+                log.warning(
+                    "received %s: saving a checkpoint at iteration %d and stopping",
+                    signal.Signals(received).name,
+                    self.iteration,
+                )
+        return bool(received)
 
     def _account(self, result: StepResult) -> None:
         if result.applied:
@@ -324,22 +349,23 @@ class Trainer:
             )
 
     def _log(self, result: StepResult) -> None:
-        tokens_per_s = result.tokens / result.step_time_s if result.step_time_s > 0 else 0.0
+        seconds = result.step_time_s
+        tokens_per_s = result.tokens / seconds if seconds > 0 else 0.0
         if self._peak is None:
-            self._peak = measured_matmul_peak(
-                device=self.device.type,
+            self._peak = peak_flops(
+                self.device,
                 dtype=torch.bfloat16 if self.config.precision == "bf16" else torch.float32,
             )
-        mem = torch.tensor([float(peak_memory_bytes())], device=self.device)
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        mem = all_reduce_values([float(peak_memory_bytes())], op=dist.ReduceOp.MAX)
         metrics = {
             "loss": result.loss,
             "grad_norm": result.grad_norm,
             "lr": result.lr,
             "tokens_per_s": tokens_per_s,
+            "loss_tokens_per_s": result.loss_tokens / seconds if seconds > 0 else 0.0,
             "mfu": tokens_per_s * self._flops_per_token / (self._peak * dist.get_world_size()),
             "peak_mem_gb": mem.item() / 2**30,
-            "step_time_s": result.step_time_s,
+            "step_time_s": seconds,
             "skipped_steps": self.skipped_steps,
             **{f"report/{k}": v for k, v in result.reports.items()},
         }
@@ -358,6 +384,7 @@ class Trainer:
         """Write a checkpoint of the current state (collective)."""
         if not self.config.checkpoint.save_dir:
             raise ValueError("checkpoint.save_dir: required to save")
+        self.finish_param_sync()
         path = self.checkpointer.save(
             chunks=self.model, optimizer=self.optimizer, state=self.training_state()
         )
@@ -366,21 +393,34 @@ class Trainer:
         return path
 
     def _maybe_load(self) -> None:
+        """Resume from our own `save_dir` if it holds a checkpoint, else seed from `load`.
+
+        `checkpoint.load` only starts a fresh run (fine-tuning from base weights); a requeued
+        job whose `save_dir` already holds checkpoints continues from its own latest one
+        instead of starting over and overwriting them.
+        """
         cfg = self.config.checkpoint
         self._loaded_from = None
-        source = cfg.load
-        if source is None and cfg.save_dir and resolve_checkpoint_dir(cfg.save_dir) is not None:
-            source = cfg.save_dir  # auto-resume from our own save dir
-        if source is None:
+        own = cfg.save_dir and resolve_checkpoint_dir(cfg.save_dir) is not None
+        if own:
+            source, weights_only, why = cfg.save_dir, False, "resuming this run from its save_dir"
+            if cfg.load and dist.get_rank() == 0:
+                log.info("checkpoint.load=%s is ignored: %s holds this run's checkpoints",
+                         cfg.load, cfg.save_dir)
+        elif cfg.load:
+            source, weights_only, why = cfg.load, cfg.load_weights_only, "starting from checkpoint.load"
+        else:
             return
         state = self.checkpointer.load(
             source,
             chunks=self.model,
             optimizer=self.optimizer,
-            weights_only=cfg.load_weights_only,
+            weights_only=weights_only,
         )
         self._loaded_from = source
-        if cfg.load_weights_only:
+        if weights_only or state is None:
+            if dist.get_rank() == 0:
+                log.info("%s: loaded weights from %s", why, source)
             return
         self.iteration = state.iteration
         if state.scheduler:
@@ -389,14 +429,4 @@ class Trainer:
             self.loader.load_state_dict(state.data)
         self.skipped_steps = (state.counters or {}).get("skipped_steps", 0)
         if dist.get_rank() == 0:
-            log.info("resumed from %s at iteration %d", source, self.iteration)
-
-
-def _broadcast_names(names: list[str]) -> list[str]:
-    """Report names known on the last pipeline stage, shared with every rank."""
-    holder = [names]
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(
-        holder, src=last, group=parallel_state.get_pipeline_model_parallel_group()
-    )
-    return holder[0]
+            log.info("%s: loaded %s at iteration %d", why, source, self.iteration)

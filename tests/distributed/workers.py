@@ -137,7 +137,7 @@ def grad_parity_worker(*, layout: dict, weights: dict, batch: dict, zero1_step: 
         chunk.zero_grad_buffer()
     # force_all_reduce: under ZeRO-1 every rank then holds the full gradient to compare.
     reports = trainer.forward_backward(microbatches, force_all_reduce=True)
-    total, count = trainer._global_reports(reports)["__loss__"]
+    total, count = trainer.step_runner.global_reports(reports)["__loss__"]
     result = {**rank_info(), "loss": total / count, "count": count, "grads": local_grads(trainer)}
     if zero1_step:
         # The real path: reduce-scatter, sharded AdamW step, parameter all-gather.

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 from megatron.core import parallel_state
 
 from megatron_keye.config.schema import TrainConfig
-from megatron_keye.models.keye_vl.hf_adapter import StageShard, globalize_layer_key, shard_for_stage
+from megatron_keye.models.keye_vl.hf_adapter import (
+    StageShard,
+    globalize_layer_key,
+    shard_for_stage,
+    split_tensor,
+    tensor_parallel_dim,
+)
 from megatron_keye.models.keye_vl.language import Qwen3LanguageModel, transformer_config
 from megatron_keye.models.keye_vl.specs import layer_offset
 
@@ -28,7 +37,57 @@ def build_model_chunks(config: TrainConfig, device: torch.device | None = None) 
         if device is not None and device.type != "cpu":
             chunk = chunk.to(device)
         chunks.append(chunk)
+    initialize_by_name(chunks, seed=config.seed)
     return chunks
+
+
+# Weights whose init std megatron scales by 1/sqrt(2 * num_layers) (output_layer_init_method).
+_SCALED_INIT_SUFFIXES = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+@torch.no_grad()
+def initialize_by_name(chunks: list, *, seed: int) -> None:
+    """Re-draw every weight matrix from (seed, global parameter name) alone.
+
+    megatron-core draws initial weights from per-pipeline-stage RNG streams, so the same seed
+    gives different models at PP=1 and PP=2. Here each matrix is drawn whole (full, unsharded
+    shape) from a generator seeded by its global name, then cut to this rank's tensor-parallel
+    piece, so every TP/PP/VPP/DP layout starts from bit-identical weights (on one device type).
+    Vectors (norm scales) keep their deterministic constructor values.
+    """
+    for chunk in chunks:
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        shard = stage_shard(module)
+        config = module.config
+        tied = getattr(module.model_config, "tie_word_embeddings", False)
+        for local_name, param in module.named_parameters():
+            if param.dim() < 2:
+                continue
+            name = globalize_layer_key(local_name, shard.layer_offset)
+            std = config.init_method_std
+            if name.endswith(_SCALED_INIT_SUFFIXES):
+                std = std / math.sqrt(2.0 * config.num_layers)
+            # A tied output layer starts as (and stays) the embedding matrix.
+            key = "embedding.word_embeddings.weight" if tied and name == "output_layer.weight" else name
+            full = _draw_normal(key, _full_shape(name, param.shape, shard.tp_size), std=std,
+                                seed=seed, device=param.device)
+            param.copy_(split_tensor(name, full, shard.tp_rank, shard.tp_size))
+
+
+def _full_shape(name: str, local_shape: torch.Size, tp_size: int) -> list[int]:
+    shape = list(local_shape)
+    dim = tensor_parallel_dim(name)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return shape
+
+
+def _draw_normal(name: str, shape: list[int], *, std: float, seed: int,
+                 device: torch.device) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * std
 
 
 def stage_shard(chunk: Qwen3LanguageModel) -> StageShard:

@@ -1,0 +1,105 @@
+"""The model step: micro-batches → megatron-core's pipeline schedule → loss head → global sums.
+
+`ModelStep` is what the trainer calls for one global batch, forward and backward or forward
+only. It moves each micro-batch to the device, runs this rank's model chunks under the schedule
+of the layout (no pipelining, 1F1B or interleaved), hands the last stage's output to the loss
+head and sums the heads' [sum, count] reports over micro-batches, pipeline stages and
+data×context ranks. Context-parallel splitting of a batch belongs here too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_keye.heads import LossHead
+from megatron_keye.heads.base import report_entry
+from megatron_keye.runtime.comm import all_reduce_values
+
+# The report entry holding the (sum, count) the gradients were computed from.
+LOSS_KEY = "__loss__"
+
+
+class ModelStep:
+    """Runs global batches through this rank's model chunks and a loss head."""
+
+    def __init__(
+        self,
+        *,
+        model: list[torch.nn.Module],
+        loss_head: LossHead,
+        device: torch.device,
+        seq_length: int,
+        micro_batch_size: int,
+    ):
+        self.model = model
+        self.loss_head = loss_head
+        self.device = device
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self._report_names: list[str] | None = None
+
+    def run(self, microbatches: list[Mapping[str, torch.Tensor]], *, forward_only: bool = False,
+            force_all_reduce: bool = False) -> list[dict]:
+        """megatron-core's schedule over this rank's micro-batches.
+
+        Returns the loss reports of the micro-batches (last pipeline stage; empty elsewhere).
+        With `forward_only=False` the gradients end finalized (reduced over data ranks).
+        """
+        vpp = len(self.model)
+        iterators = [iter(microbatches) for _ in range(vpp)]
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if vpp > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+            force_all_reduce=force_all_reduce,
+        )
+
+    def _forward_step(self, data_iterator, model):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        output = model(batch["tokens"], batch["position_ids"])
+        return output, functools.partial(self._compute_loss, batch)
+
+    def _compute_loss(self, batch, output):
+        total, count, report = self.loss_head(output, batch)
+        return total, count, {**report, LOSS_KEY: report_entry(total, count)}
+
+    def global_reports(self, reports: list[dict]) -> dict[str, tuple[float, float]]:
+        """Sum [sum, count] reports over micro-batches, then over pipeline and data ranks.
+
+        Only the last pipeline stage holds reports; tensor-parallel peers hold identical ones,
+        so the reduction runs over the pipeline group and the data(×context) group only.
+        The result is identical on every rank.
+        """
+        if self._report_names is None:
+            self._report_names = _broadcast_names(sorted({k for r in reports for k in r}))
+        names = self._report_names
+        vec = torch.zeros(2 * len(names), dtype=torch.float64)
+        for r in reports:
+            for i, name in enumerate(names):
+                if name in r:
+                    vec[2 * i : 2 * i + 2] += r[name].detach().double().cpu()
+        vec = all_reduce_values(vec, group=parallel_state.get_pipeline_model_parallel_group())
+        vec = all_reduce_values(
+            vec, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        return {name: (vec[2 * i].item(), vec[2 * i + 1].item()) for i, name in enumerate(names)}
+
+
+def _broadcast_names(names: list[str]) -> list[str]:
+    """Report names known on the last pipeline stage, shared with every rank."""
+    holder = [names]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(
+        holder, src=last, group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    return holder[0]
