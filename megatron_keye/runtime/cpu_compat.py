@@ -2,8 +2,11 @@
 
 megatron-core assumes CUDA in a handful of places that are otherwise device-agnostic. Without
 CUDA, `apply()` installs one narrow shim per assumption, each naming the megatron-core site it
-covers; with CUDA it does nothing. Every shim is exercised by `tests/unit/test_cpu_compat.py`
-and, end to end, by the gloo parity tests. Nothing else in the package mentions CPU workarounds.
+covers; with CUDA it installs nothing at all (no patched attribute, no TorchFunctionMode, no
+environment variable). The sites are those of megatron-core 0.16.1, which `apply()` checks first
+(`mcore_version.require_supported_mcore`). Every shim is exercised by
+`tests/distributed/test_cpu_compat.py` and, end to end, by the gloo parity tests. Nothing else in
+the package mentions CPU workarounds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_keye.runtime.mcore_version import require_supported_mcore
 
 _APPLIED = False
 _LOCK = threading.Lock()
@@ -26,13 +31,17 @@ def needed() -> bool:
 
 
 def apply() -> bool:
-    """Install every shim once (idempotent). Returns True if shims are active."""
+    """Install every shim once (idempotent) when CUDA is absent. Returns True if shims are active.
+
+    With CUDA available it returns False and changes nothing.
+    """
     global _APPLIED
     if not needed():
         return False
     with _LOCK:
         if _APPLIED:
             return True
+        require_supported_mcore("megatron_keye.runtime.cpu_compat")
         _current_device_is_cpu()
         _rng_tracker_on_cpu_state()
         _cuda_sync_and_seed_noops()
@@ -122,24 +131,14 @@ def _cuda_device_arguments_to_cpu() -> None:
     Covers megatron/core/pipeline_parallel/schedules.py:596/983/2138 (`total_num_tokens`),
     optimizer/clip_grads.py:90/103/115/174/207, optimizer/optimizer.py:473/481/485/907,
     distributed/param_and_grad_buffer.py:768, dist_checkpointing/exchange_utils.py:104/110/326/336/499
-    and strategies/state_dict_saver.py:204. A process-wide TorchFunctionMode is the only hook that
-    reaches factory calls inside those function bodies; it only rewrites CUDA device arguments
-    (none of ours pass one), and threads started later install it via `ensure_thread_mode`.
+    and strategies/state_dict_saver.py:204. A TorchFunctionMode entered for good is the only hook
+    that reaches factory calls inside those function bodies; it only rewrites CUDA device
+    arguments (none of ours pass one). torch keeps the mode stack per thread, so it covers the
+    thread that called `apply()`: every covered site runs on the training thread (the
+    dist_checkpointing writers that run elsewhere only write bytes).
     """
     _CudaArgumentsToCpu().__enter__()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-
-
-def ensure_thread_mode() -> None:
-    """Enter the device-argument mode in a worker thread (modes are per-thread in torch)."""
-    if _APPLIED and not any(isinstance(m, _CudaArgumentsToCpu) for m in _active_modes()):
-        _CudaArgumentsToCpu().__enter__()
-
-
-def _active_modes():
-    from torch.overrides import _get_current_function_mode_stack
-
-    return _get_current_function_mode_stack()
 
 
 def _cuda_type_names_for_optimizer_dispatch() -> None:
@@ -191,9 +190,11 @@ def _one_rank_buffer_collectives_stay_local() -> None:
 
     megatron/core/distributed/param_and_grad_buffer.py:443 (gradient reduce-scatter) and :285
     (parameter all-gather) run even when the data-parallel group has a single rank; gloo then
-    clones the whole gradient buffer every step (~100 MB for a 26M-parameter model). On one rank
-    both collectives are the identity: copy when output and input differ, else nothing.
-    Asynchronous calls (overlap_grad_reduce) go to gloo unchanged: their handles are awaited.
+    issues a collective that clones the whole gradient buffer every step (~100 MB for a
+    26M-parameter model). The result is right either way: this is a cost shim. On one rank both
+    collectives are the identity: copy when output and input differ, else nothing, and no
+    collective is issued on the group. Asynchronous calls (overlap_grad_reduce) go to gloo
+    unchanged: their handles are awaited.
     """
     from megatron.core.distributed import param_and_grad_buffer as buffers
 

@@ -3,13 +3,16 @@
 Without TE or apex, megatron-core's distributed optimizer wraps `torch.optim.AdamW`, whose state
 holds a per-parameter `step` that the TE/apex FusedAdam does not. Places in megatron-core miss
 that case; they are fixed here and applied only when the fallback is in use (always on CPU, never
-on a TE-equipped GPU cluster). Covered by the checkpoint resume and resharding tests, which
-fail without them.
+on a TE-equipped GPU cluster). The patched sites are those of megatron-core 0.16.1, which
+`apply()` checks first. Covered by the checkpoint resume and resharding tests, which fail without
+them; `match_step_devices` by `tests/unit/test_mcore_patches.py`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_keye.runtime.mcore_version import require_supported_mcore
 
 _APPLIED = False
 
@@ -26,6 +29,7 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED or not in_use():
         return
+    require_supported_mcore("megatron_keye.runtime.mcore_fallback")
     _skip_step_when_restoring_param_state()
     _unshare_step_counters_after_load()
     _APPLIED = True
@@ -54,9 +58,10 @@ def _skip_step_when_restoring_param_state() -> None:
 
 def _unshare_step_counters_after_load() -> None:
     """optimizer/distrib_optimizer.py:821-825 gives every parameter's state the *same* 'step'
-    tensor; torch's AdamW increments each parameter's step in place, so after a resume one step
-    adds the parameter count to all of them and Adam's bias correction goes wrong. Give each
-    parameter its own counter after loading.
+    tensor, on the CPU; torch's AdamW increments each parameter's step in place, so after a
+    resume one step adds the parameter count to all of them and Adam's bias correction goes
+    wrong, and the fused kernel refuses a CPU step beside CUDA parameters. After loading, give
+    each parameter its own counter, where torch keeps it (`own_step_counters`).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -64,12 +69,23 @@ def _unshare_step_counters_after_load() -> None:
 
     def load_state_dict(self, state_dict):
         result = original(self, state_dict)
-        for state in self.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].detach().clone()
+        own_step_counters(self)
         return result
 
     DistributedOptimizer.load_state_dict = load_state_dict
+
+
+@torch.no_grad()
+def own_step_counters(megatron_optimizer) -> None:
+    """Every parameter's 'step' its own tensor, on the device torch expects (after a load)."""
+    for part in optimizer_parts(megatron_optimizer):
+        inner = getattr(part, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].detach().clone()
+    match_step_devices(megatron_optimizer)
 
 
 def optimizer_parts(megatron_optimizer) -> list:
@@ -103,3 +119,38 @@ def ensure_optimizer_state(megatron_optimizer) -> None:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state.setdefault("step", torch.tensor(0.0))
+
+
+@torch.no_grad()
+def match_step_devices(megatron_optimizer) -> int:
+    """Put every torch-optimizer 'step' counter where torch's own loading would; returns how many moved.
+
+    megatron-core's distributed optimizer restores 'step' from the param groups as CPU tensors
+    (optimizer/distrib_optimizer.py:819-825). torch keeps 'step' on the CPU for its plain AdamW
+    but on the parameter's device (as float32) for the fused and capturable kernels, which
+    refuse a CPU step next to CUDA parameters. So after a resume the fused AdamW we enable on GPU
+    (`optim._use_fused_torch_adamw`) would fail on its first update. Runs after every load of
+    the distributed optimizer (the patched `load_state_dict`; torch's own `load_state_dict`,
+    used by the other megatron optimizers, already does this); a no-op when nothing is misplaced
+    (always on CPU, and on the TE/apex path, which keeps no per-parameter step).
+    """
+    moved = 0
+    for part in optimizer_parts(megatron_optimizer):
+        inner = getattr(part, "optimizer", None)
+        if inner is None or not hasattr(inner, "param_groups"):
+            continue
+        for group in inner.param_groups:
+            on_param_device = bool(group.get("fused") or group.get("capturable"))
+            for param in group["params"]:
+                state = inner.state.get(param)
+                step = state.get("step") if state else None
+                if not torch.is_tensor(step):
+                    continue
+                if on_param_device:
+                    target_device, target_dtype = param.device, torch.float32
+                else:
+                    target_device, target_dtype = torch.device("cpu"), step.dtype
+                if step.device != target_device or step.dtype != target_dtype:
+                    state["step"] = step.to(device=target_device, dtype=target_dtype)
+                    moved += 1
+    return moved

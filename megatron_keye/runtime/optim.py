@@ -24,20 +24,23 @@ from megatron_keye.config.schema import (
     ParallelConfig,
     ScheduleConfig,
 )
+from megatron_keye.models.keye_vl.builder import named_parameters_global
 from megatron_keye.runtime.mcore_fallback import optimizer_parts
 
 log = logging.getLogger(__name__)
 
 
 def freeze_parameters(chunks: list[torch.nn.Module], patterns: list[str]) -> int:
-    """Freeze every parameter whose name matches a pattern; returns how many tensors froze.
+    """Freeze every parameter whose global name matches a pattern; returns how many tensors froze.
 
-    Names are the model's own (`decoder.layers.0.mlp.linear_fc1.weight`, `embedding.*`), with
-    local layer indices, so patterns address module kinds rather than pipeline positions.
+    Patterns are fnmatch patterns over the full model's names, with global layer numbers
+    (`decoder.layers.1.*` is the model's second layer on whichever pipeline stage and virtual
+    chunk holds it; `embedding.*`, `*.layer_norm_weight`), so a pattern means the same
+    parameters under every PP/VPP layout. Call after the parallel state is initialized.
     """
     frozen = 0
     for chunk in chunks:
-        for name, param in chunk.named_parameters():
+        for name, param in named_parameters_global(chunk).items():
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 param.requires_grad_(False)
                 frozen += 1

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,23 +86,26 @@ class ParallelDims:
 
 
 def compute_device() -> torch.device:
-    """The device of this process: its local GPU under CUDA, else the CPU."""
+    """The device of this process: its local GPU under CUDA, else the CPU.
+
+    The GPU is `LOCAL_RANK` among the visible ones, modulo their number: a launcher that binds
+    one GPU per task (`srun --gpus-per-task=1`) leaves each process a single visible device 0.
+    The launcher's environment must be in place first (`init_distributed` sees to it).
+    """
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
 
 
 def init_distributed(*, timeout_minutes: float = 30.0) -> torch.device:
     """Initialize the default process group (nccl with CUDA, gloo without) and CPU shims.
 
-    Under torchrun/srun the rendezvous comes from the environment; a plain `python` process
-    becomes a world of one on a free local port, so tools and tests need no launcher.
+    Under torchrun the rendezvous comes from the environment, under a bare `srun` from slurm's
+    variables (mapped before the device is chosen, so each task takes its own GPU); a plain
+    `python` process becomes a world of one on a free local port, so tools and tests need no
+    launcher.
     """
-    device = compute_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    cpu_compat.apply()
-    mcore_fallback.apply()
     if not dist.is_initialized():
         if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
             _env_from_slurm()
@@ -109,6 +114,12 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> torch.device:
                 RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
             )
+    device = compute_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cpu_compat.apply()
+    mcore_fallback.apply()
+    if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -119,12 +130,107 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> torch.device:
 def _env_from_slurm() -> None:
     """Map `srun`'s variables to torch's when launched without torchrun (one task per GPU)."""
     os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault(
+        "WORLD_SIZE", os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS", "1")
+    )
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     os.environ.setdefault("MASTER_PORT", "29500")
     if "MASTER_ADDR" not in os.environ:
-        nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        os.environ["MASTER_ADDR"] = nodelist.split(",")[0].split("[")[0]
+        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        os.environ["MASTER_ADDR"] = slurm_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
+
+
+def slurm_hostnames(hostlist: str) -> list[str]:
+    """Every host of a slurm hostlist, in order: `scontrol show hostnames` when it is on PATH
+    (slurm's own reading), else `expand_hostlist`."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is not None:
+        try:
+            done = subprocess.run(
+                [scontrol, "show", "hostnames", hostlist],
+                capture_output=True, text=True, timeout=60, check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass  # e.g. no slurm controller reachable: read the list ourselves
+        else:
+            hosts = done.stdout.split()
+            if hosts:
+                return hosts
+    return expand_hostlist(hostlist)
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand a slurm hostlist expression into host names, in slurm's order.
+
+    Handles comma-separated groups with different prefixes (`gpu-a[01-03,07],gpu-b[10-11],login1`),
+    ranges and single numbers inside brackets, zero padding (the width of a range's first bound:
+    `[08-10]` gives 08, 09, 10; `[8-10]` gives 8, 9, 10), text after a bracket, and several
+    brackets in one name (`n[1-2]-ib[3-4]`: every combination, the first bracket varying
+    slowest). Anything else raises ValueError naming the expression.
+    """
+    text = hostlist.strip()
+    if not text:
+        raise ValueError("slurm hostlist is empty")
+    hosts: list[str] = []
+    for item in _split_top_level(text, hostlist):
+        hosts.extend(_expand_host(item, hostlist))
+    return hosts
+
+
+def _split_top_level(text: str, whole: str) -> list[str]:
+    """Split at commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"slurm hostlist {whole!r}: nested '['")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"slurm hostlist {whole!r}: ']' without '['")
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"slurm hostlist {whole!r}: '[' without ']'")
+    items.append(text[start:])
+    if any(not item.strip() for item in items):
+        raise ValueError(f"slurm hostlist {whole!r}: empty host name")
+    return [item.strip() for item in items]
+
+
+def _expand_host(item: str, whole: str) -> list[str]:
+    """`prefix[ranges]rest` → names; `rest` may hold further brackets."""
+    open_at = item.find("[")
+    if open_at < 0:
+        if "]" in item:
+            raise ValueError(f"slurm hostlist {whole!r}: ']' without '['")
+        return [item]
+    close_at = item.index("]", open_at)
+    prefix, body, rest = item[:open_at], item[open_at + 1 : close_at], item[close_at + 1 :]
+    tails = _expand_host(rest, whole) if rest else [""]
+    return [prefix + number + tail for number in _expand_ranges(body, whole) for tail in tails]
+
+
+def _expand_ranges(body: str, whole: str) -> list[str]:
+    """`01-03,07` → ['01', '02', '03', '07']."""
+    numbers = []
+    for part in body.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(
+                f"slurm hostlist {whole!r}: cannot read the range {part!r} in [{body}]"
+            )
+        if not dash:
+            numbers.append(low)
+            continue
+        first, last = int(low), int(high)
+        if last < first:
+            raise ValueError(f"slurm hostlist {whole!r}: range {part!r} runs backwards")
+        numbers.extend(str(n).zfill(len(low)) for n in range(first, last + 1))
+    return numbers
 
 
 def free_port() -> int:
