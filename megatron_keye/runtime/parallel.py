@@ -136,7 +136,11 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     os.environ.setdefault("MASTER_PORT", "29500")
     if "MASTER_ADDR" not in os.environ:
-        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        # Rank 0 runs on the first node of this job step, which need not be the job's first
+        # node (`srun --relative`, a step on a subset of the allocation).
+        nodelist = next((os.environ[k] for k in
+                         ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                         if os.environ.get(k)), None)
         os.environ["MASTER_ADDR"] = slurm_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
 
 

@@ -53,7 +53,7 @@ def clean_env(monkeypatch):
     saved = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID",
-                "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+                "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST"):
         os.environ.pop(key, None)
     yield os.environ
     os.environ.clear()
@@ -82,6 +82,25 @@ def test_slurm_hostnames_asks_scontrol_when_present(monkeypatch, tmp_path):
     log = _fake_scontrol(monkeypatch, tmp_path, ["alpha", "beta"])
     assert slurm_hostnames("whatever[1-2]") == ["alpha", "beta"]
     assert log.read_text().split() == ["show", "hostnames", "whatever[1-2]"]
+
+
+def test_slurm_hostnames_falls_back_when_scontrol_fails(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text("#!/bin/sh\necho 'slurm_load_ctl_conf error' >&2\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert slurm_hostnames("gpu[09-10]") == ["gpu09", "gpu10"]
+
+
+def test_master_is_the_first_node_of_the_step(clean_env, monkeypatch, tmp_path):
+    _no_scontrol(monkeypatch, tmp_path)
+    clean_env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0",
+                     SLURM_JOB_NODELIST="node[01-08]", SLURM_STEP_NODELIST="node[05-06]")
+    parallel._env_from_slurm()
+    assert clean_env["MASTER_ADDR"] == "node05"
+    assert clean_env["RANK"] == "0" and clean_env["WORLD_SIZE"] == "2"
 
 
 def test_slurm_hostnames_parses_without_scontrol(monkeypatch, tmp_path):
