@@ -17,10 +17,14 @@ import contextlib
 import io
 import os
 import queue
+import time
 import traceback
 from collections.abc import Callable
 
 # torch is imported inside the functions: the CLI imports `RankError` for every command.
+
+_POLL_S = 0.5  # how often the parent looks for ranks that died without reporting
+_REPORT_GRACE_S = 5.0
 
 
 class RankError(RuntimeError):
@@ -72,16 +76,32 @@ def spawn_ranks(
         p.start()
     outputs: dict[int, object] = {}
     failure: RankError | None = None
+    deadline = time.monotonic() + timeout
+    died_at: float | None = None
     try:
         while len(outputs) < world_size:
             try:
-                rank, ok, payload = results.get(timeout=timeout)
+                rank, ok, payload = results.get(timeout=_POLL_S)
             except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if not p.is_alive() and p.exitcode]
-                raise TimeoutError(
-                    f"{fn.__name__} on {world_size} ranks: no result within {timeout:.0f}s "
-                    f"(ranks that died: {dead}; finished: {sorted(outputs)})"
-                ) from None
+                now = time.monotonic()
+                dead = [i for i, p in enumerate(procs)
+                        if i not in outputs and not p.is_alive() and p.exitcode]
+                if dead:
+                    # A rank that raised reports before it exits; give its report a moment.
+                    died_at = died_at or now
+                    if now - died_at > _REPORT_GRACE_S:
+                        failure = RankError(
+                            function=fn.__name__, rank=dead[0], world_size=world_size,
+                            error_type="died",
+                            message=f"exit code {procs[dead[0]].exitcode} without a report",
+                            remote_traceback="")
+                        break
+                if now > deadline:
+                    raise TimeoutError(
+                        f"{fn.__name__} on {world_size} ranks: no result within {timeout:.0f}s "
+                        f"(ranks that died: {dead}; finished: {sorted(outputs)})"
+                    ) from None
+                continue
             if not ok:
                 error_type, message, remote = payload
                 failure = RankError(function=fn.__name__, rank=rank, world_size=world_size,

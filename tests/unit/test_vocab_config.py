@@ -1,0 +1,54 @@
+"""Start-up checks for the padded vocabulary and the tokenizer's size."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_keye.config import ConfigError, load_config, validate
+from megatron_keye.config.validation import check_tokenizer_fits
+
+
+def test_odd_vocabulary_is_padded_instead_of_refused():
+    config = load_config(None, ["model.vocab_size=2047", "parallel.tensor=2"])
+    validate(config, 2)
+    assert config.model.padded_vocab_size == 2048
+
+
+def test_padding_that_tensor_parallelism_cannot_split_names_the_field():
+    config = load_config(None, ["model.vocab_size=2047", "parallel.tensor=2",
+                                "model.make_vocab_size_divisible_by=1"])
+    with pytest.raises(ConfigError, match=r"^model.make_vocab_size_divisible_by: the padded "
+                       r"vocabulary \(2047 = model.vocab_size 2047 .*parallel.tensor \(2\)"):
+        validate(config, 2)
+    with pytest.raises(ConfigError, match="make_vocab_size_divisible_by: must be >= 1"):
+        validate(load_config(None, ["model.make_vocab_size_divisible_by=0"]), 1)
+
+
+def test_the_padded_size_does_not_depend_on_tensor_parallelism():
+    sizes = {load_config(None, ["model.vocab_size=2001", f"parallel.tensor={tp}"]).model
+             .padded_vocab_size for tp in (1, 2, 4)}
+    assert sizes == {2048}
+
+
+class _Tokenizer:
+    def __init__(self, size):
+        self.vocab_size = size
+
+
+def test_tokenizer_must_fit_the_model():
+    config = load_config(None, ["model.vocab_size=1000"])
+    check_tokenizer_fits(config, _Tokenizer(1000))
+    with pytest.raises(ConfigError, match=r"^model.vocab_size: the tokenizer \(the shipped "
+                       r"default tokenizer, data.tokenizer\) has 1001 tokens but "
+                       r"model.vocab_size is 1000"):
+        check_tokenizer_fits(config, _Tokenizer(1001))
+
+
+def test_the_shipped_tokenizer_fits_the_tiny_model():
+    from megatron_keye.data.tokenizer import KeyeTokenizer
+
+    config = load_config(None, [])
+    check_tokenizer_fits(config)  # loads the shipped tokenizer
+    small = load_config(None, [f"model.vocab_size={KeyeTokenizer.default().vocab_size - 1}"])
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        check_tokenizer_fits(small)
