@@ -172,9 +172,11 @@ class Trainer:
                 tc.param_sync_func = tc.param_sync_func[0]
 
     def _build_loader(self):
+        from megatron_keye.config.validation import check_tokenizer_fits
         from megatron_keye.data.text_dataset import TextBatchLoader, build_text_dataset
 
         cfg = self.config
+        check_tokenizer_fits(cfg)  # token ids must index real (not padded) embedding rows
         return TextBatchLoader(
             build_text_dataset(cfg.data),
             global_batch_size=cfg.schedule.global_batch_size,
