@@ -35,6 +35,7 @@ from megatron_keye.runtime.mcore_fallback import ensure_optimizer_state
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+_TMP, _OLD = ".tmp_", ".old_"  # a checkpoint being written; one set aside while re-saved
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -52,9 +53,13 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path | None:
     pointer = root / LATEST
     if pointer.exists():
         target = root / pointer.read_text().strip()
-        if not (target / "metadata.json").exists():
-            raise FileNotFoundError(f"{pointer} names {target.name}, which is not a checkpoint")
-        return target
+        if (target / "metadata.json").exists():
+            return target
+        set_aside = root / f"{_OLD}{target.name}"
+        if (set_aside / "metadata.json").exists():
+            # A crash while re-saving that very iteration: its previous copy is still whole.
+            return set_aside
+        raise FileNotFoundError(f"{pointer} names {target.name}, which is not a checkpoint")
     if root.exists() and any(root.glob("iter_*/metadata.json")):
         raise FileNotFoundError(f"{root} has checkpoints but no '{LATEST}' pointer")
     return None
@@ -86,19 +91,19 @@ class Checkpointer:
         """
         root = Path(self.config.save_dir)
         name = checkpoint_name(state.iteration)
-        tmp, final = root / f".tmp_{name}", root / name
+        tmp, final = root / f"{_TMP}{name}", root / name
         rank = dist.get_rank()
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp_iter_*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            _clean_debris(root)
             tmp.mkdir()
         dist.barrier()
         fmt = self.config.optimizer_format
         sharded = {"model": _model_sharded_state(chunks)}
         if optimizer is not None:
+            # The nested per-chunk dict, never a merged one: see _model_sharded_state.
             sharded["optimizer"] = optimizer.sharded_state_dict(
-                _flatten_model_state(sharded["model"]),
+                sharded["model"],
                 is_loading=False,
                 metadata={"distrib_optim_sharding_type": fmt},
             )
@@ -159,7 +164,7 @@ class Checkpointer:
         if load_optimizer:
             ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
-                _flatten_model_state(sharded["model"]),
+                sharded["model"],
                 is_loading=True,
                 metadata={"distrib_optim_sharding_type": fmt},
             )
@@ -169,7 +174,11 @@ class Checkpointer:
         for index, chunk in enumerate(chunks):
             _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{index}"], strict=True)
         if load_optimizer:
-            optimizer.load_state_dict(loaded["optimizer"])
+            # no_grad: megatron-core's load_parameter_state_from_dp_reshardable
+            # (optimizer/distrib_optimizer.py:1772, unlike its fully_reshardable sibling at :2069)
+            # copies into fp32 main params, which are views of the model's leaf parameters.
+            with torch.no_grad():
+                optimizer.load_state_dict(loaded["optimizer"])
         elif optimizer is not None:
             optimizer.reload_model_params()
         if "rng" in loaded:
@@ -187,13 +196,32 @@ class Checkpointer:
         )
 
 
+def _clean_debris(root: Path) -> None:
+    """Remove what an interrupted save left behind (rank 0, before writing a new checkpoint).
+
+    A half-written `.tmp_iter_*` is deleted. A `.old_iter_*` is the previous copy of an
+    iteration whose re-save was interrupted: it goes back in place if the new copy never
+    arrived (`latest` may name it), and is deleted otherwise.
+    """
+    for stale in root.glob(f"{_TMP}iter_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(f"{_OLD}iter_*"):
+        final = root / old.name[len(_OLD):]
+        if (final / "metadata.json").exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+
+
 def _commit(tmp: Path, final: Path, root: Path) -> None:
     """Rename the finished checkpoint into place, then move `latest` atomically."""
     _fsync_dir(tmp)
     if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
-        old = root / f".old_{final.name}"
+        old = root / f"{_OLD}{final.name}"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+        os.replace(final, old)  # `latest` may name `final`: resolve_checkpoint_dir finds `old`
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -220,14 +248,15 @@ def _unwrap(chunk):
 
 
 def _model_sharded_state(chunks) -> dict:
+    """The model's sharded state, one entry per model chunk (virtual pipeline stage).
+
+    The optimizer's `sharded_state_dict` must receive this nested dict as is (megatron-core
+    walks it with `nested_values`, like Megatron-LM's `model0`, `model1`, ... entries). Chunks
+    reuse local module names (every chunk has a `decoder.layers.0`), so merging them into one
+    dict would keep only the last chunk's parameters and megatron-core would find no sharded
+    tensor for the others.
+    """
     return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _flatten_model_state(model_state: dict) -> dict:
-    flat = {}
-    for chunk_state in model_state.values():
-        flat.update(chunk_state)
-    return flat
 
 
 def _model_parallel_unchanged(saved: dict | None, current: dict) -> bool:

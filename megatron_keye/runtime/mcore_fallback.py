@@ -37,15 +37,17 @@ def apply() -> None:
 
 def _skip_step_when_restoring_param_state() -> None:
     """optimizer/distrib_optimizer.py:938-940 copies every key of the live state, 'step' included,
-    from the loaded per-parameter tensors, which never carry 'step' (the caller drops it at :2101
-    and restores it from the param groups at :819-825): KeyError on every fully_reshardable load.
+    from the loaded per-parameter tensors, which never carry the saved 'step' (the caller restores
+    it from the param groups at :819-825): fully_reshardable loads drop it (:2101, a KeyError here)
+    and dp_reshardable loads carry the load template's stale counter (a LocalNonpersistentObject,
+    :1664-1667), which would reset Adam's bias correction. Keep the restored step.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
             step = self.optimizer.state[main_param].get("step")
