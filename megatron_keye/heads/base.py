@@ -26,7 +26,8 @@ class LossHead(Protocol):
     def __call__(
         self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, Report]:
-        """`output` is vocab-parallel logits [s, b, vocab/tp]; the count is an int tensor."""
+        """`output` is vocab-parallel logits [s, b, padded_vocab/tp] whose padding columns are
+        masked (never take a softmax's mass); the count is an int tensor."""
         ...
 
 

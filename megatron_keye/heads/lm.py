@@ -16,6 +16,11 @@ class LanguageModelLoss:
 
     The batch carries `labels` [b, s] (already shifted: labels[t] is the token after t) and
     `loss_mask` [b, s]. Masked positions may hold any in-vocabulary label.
+
+    The logits are vocab-parallel over the padded vocabulary, with the columns past
+    `model.vocab_size` already at the dtype's most negative value (`Qwen3LanguageModel.forward`
+    masks them on the rank that holds them), so exp() of them is exactly 0 in the softmax's sum
+    and the loss equals the unpadded model's (tested against transformers at TP=2×PP=2).
     """
 
     name = "lm"

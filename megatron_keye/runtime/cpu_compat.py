@@ -131,7 +131,9 @@ def _cuda_device_arguments_to_cpu() -> None:
     Covers megatron/core/pipeline_parallel/schedules.py:596/983/2138 (`total_num_tokens`),
     optimizer/clip_grads.py:90/103/115/174/207, optimizer/optimizer.py:473/481/485/907,
     distributed/param_and_grad_buffer.py:768, dist_checkpointing/exchange_utils.py:104/110/326/336/499
-    and strategies/state_dict_saver.py:204. A TorchFunctionMode entered for good is the only hook
+    and strategies/state_dict_saver.py:204; `.cuda()` at
+    models/common/language_module/language_module.py:244 (a tied embedding's copy on the last
+    pipeline stage, all-reduced from the first). A TorchFunctionMode entered for good is the only hook
     that reaches factory calls inside those function bodies; it only rewrites CUDA device
     arguments (none of ours pass one). torch keeps the mode stack per thread, so it covers the
     thread that called `apply()`: every covered site runs on the training thread (the
