@@ -40,6 +40,8 @@ FLAVOR_SHAPES = {
     "tiny": (128, 16, 4),
     "small": (1024, 8, 4),
 }
+# Learning rates for a clear fall within 20 steps (AdamW, clipped, 2 warmup steps).
+FLAVOR_LR = {"tiny": 3e-3, "small": 1e-3}
 OPTIONAL_BACKENDS = {"flash": "flash_attn", "te": "transformer_engine"}
 # Local-spec parameter names → the TE spec's fused-norm names (same weights).
 _TE_NAMES = {
@@ -192,7 +194,8 @@ def _spawn(role: str, *, flavor: str, backend: str, workdir: Path, args, timeout
     log_file = workdir / f"{role}.log"
     command = [sys.executable, "-m", "megatron_keye.bench.gpu_check", "--child", role,
                "--flavor", flavor, "--backend", backend, "--precision", precision,
-               "--steps", str(args.steps), "--lr", str(args.lr), "--workdir", str(workdir),
+               "--steps", str(args.steps), "--lr", str(args.lr or FLAVOR_LR[flavor]),
+               "--workdir", str(workdir),
                "--result", str(result_file)] + (["--cpu-dry-run"] if args.cpu_dry_run else [])
     start = time.perf_counter()
     try:
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=None,
                         help="comma list of sdpa,flash,te (default: sdpa and whatever imports)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate (default per flavor: {FLAVOR_LR})")
     parser.add_argument("--loss-rtol", type=float, default=1e-2,
                         help="first bf16 loss vs the fp32 CPU one, relative")
     parser.add_argument("--resume-rtol", type=float, default=0.0,
