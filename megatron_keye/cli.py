@@ -14,40 +14,47 @@ import os
 import subprocess
 import sys
 
+from megatron_keye.config import load_config, validate
+from megatron_keye.config.arguments import config_help, split_recipe_args, wants_help
+from megatron_keye.config.loading import ConfigError
 from megatron_keye.logging_setup import configure_logging
 
+TRAIN_USAGE = """usage: megatron-keye train [--nproc N] [--recipe NAME|--config PATH] [--section.field=value ...]
 
-def split_recipe_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`--recipe NAME` (or `--config PATH`) plus dotted `--section.field=value` overrides."""
-    recipe, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--recipe", "--config"):
-            if i + 1 >= len(argv):
-                raise SystemExit(f"{arg} needs a value")
-            recipe, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith(("--recipe=", "--config=")):
-            recipe = arg.split("=", 1)[1]
-        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            if "=" not in arg:  # --section.field value
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"{arg} needs a value")
-                arg, i = f"{arg}={argv[i + 1]}", i + 1
-            overrides.append(arg[2:])
-        else:
-            raise SystemExit(f"unknown argument {arg!r}; overrides look like --section.field=value")
-        i += 1
-    return recipe, overrides
+Train with a recipe (megatron_keye/recipes/*.yaml or a YAML path) and dotted overrides.
+--nproc N starts N local processes with torchrun (laptops, one node); under torchrun or srun
+leave it out. The config is resolved and validated for the world size before anything starts.
+Sending SIGTERM or SIGUSR1 to the training processes saves a checkpoint and exits 0.
+
+config fields (section.field, type, default):
+"""
+
+CONFIG_USAGE = """usage: megatron-keye config [--world-size N] [--recipe NAME|--config PATH] [--section.field=value ...]
+
+Print the resolved config as YAML; with --world-size, also validate the layout for it.
+
+config fields (section.field, type, default):
+"""
 
 
 def _train(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(TRAIN_USAGE + config_help())
+        return 0
     nproc = None
     if argv and argv[0].startswith("--nproc"):
         if "=" in argv[0]:
-            nproc, argv = int(argv[0].split("=", 1)[1]), argv[1:]
+            nproc, argv = _int_arg("--nproc", argv[0].split("=", 1)[1]), argv[1:]
+        elif len(argv) > 1:
+            nproc, argv = _int_arg("--nproc", argv[1]), argv[2:]
         else:
-            nproc, argv = int(argv[1]), argv[2:]
+            raise ConfigError("--nproc", "needs a value")
+    # Resolve and validate here, once, so a config error is one line and nothing is spawned.
+    recipe, overrides = split_recipe_args(argv)
+    world_size = nproc if nproc and "RANK" not in os.environ else int(
+        os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    )
+    validate(load_config(recipe, overrides), world_size)
     if nproc and "RANK" not in os.environ:
         # A single-node launch for laptops and tests; clusters use torchrun/srun directly.
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -58,6 +65,13 @@ def _train(argv: list[str]) -> int:
     from megatron_keye.train import main as train_main
 
     return train_main(argv)
+
+
+def _int_arg(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {value!r}") from None
 
 
 def _convert(argv: list[str]) -> int:
@@ -92,12 +106,17 @@ def _convert(argv: list[str]) -> int:
 def _config(argv: list[str]) -> int:
     import yaml
 
-    from megatron_keye.config import config_to_dict, load_config, validate
+    from megatron_keye.config import config_to_dict
 
+    if wants_help(argv):
+        print(CONFIG_USAGE + config_help())
+        return 0
     world = None
     if "--world-size" in argv:
         i = argv.index("--world-size")
-        world, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
+        if i + 1 >= len(argv):
+            raise ConfigError("--world-size", "needs a value")
+        world, argv = _int_arg("--world-size", argv[i + 1]), argv[:i] + argv[i + 2:]
     recipe, overrides = split_recipe_args(argv)
     config = load_config(recipe, overrides)
     if world is not None:
@@ -107,9 +126,12 @@ def _config(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from megatron_keye.demo import main as demo_main
+    from megatron_keye import demo
 
-    return demo_main(argv)
+    if wants_help(argv):
+        print("usage: megatron-keye demo\n\n" + (demo.__doc__ or "").strip())
+        return 0
+    return demo.main(argv)
 
 
 COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo}
@@ -117,6 +139,10 @@ COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _de
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}; `megatron-keye COMMAND --help` for each")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
         print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -5,18 +5,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from megatron_keye.config import load_config
+from megatron_keye.config import ConfigError, load_config, validate
+from megatron_keye.config.arguments import split_recipe_args
 from megatron_keye.logging_setup import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_keye.cli import split_recipe_args
-
     configure_logging()
-    recipe, overrides = split_recipe_args(argv if argv is not None else sys.argv[1:])
-    config = load_config(recipe, overrides)
+    try:
+        recipe, overrides = split_recipe_args(argv if argv is not None else sys.argv[1:])
+        config = load_config(recipe, overrides)
+        validate(config, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
+    except ConfigError as err:
+        # Every rank finds the same error; one of them says it, in one line.
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     from megatron_keye.runtime.parallel import shutdown
     from megatron_keye.runtime.trainer import Trainer
 

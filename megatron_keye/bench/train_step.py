@@ -149,10 +149,10 @@ def main(argv=None) -> None:
         print(f"ratio ours / {name}: {t / t_ours:.2f}x (tokens/s, higher is better for us)")
 
     if not args.skip_zero1:
-        from megatron_keye.testing.distributed import run_workers
+        from megatron_keye.runtime.spawn import spawn_ranks
 
-        (dp1,) = run_workers(optimizer_bytes_worker, 1, flavor=args.flavor, dp=1)
-        dp2 = run_workers(optimizer_bytes_worker, 2, flavor=args.flavor, dp=2)
+        (dp1,) = spawn_ranks(optimizer_bytes_worker, 1, flavor=args.flavor, dp=1)
+        dp2 = spawn_ranks(optimizer_bytes_worker, 2, flavor=args.flavor, dp=2)
         print(f"\nZeRO-1 optimizer state (Adam moments), flavor={args.flavor}")
         print(f"  DP=1: {dp1 / 2**20:8.2f} MiB on the one rank")
         print(f"  DP=2: {', '.join(f'{b / 2**20:.2f}' for b in dp2)} MiB per rank "

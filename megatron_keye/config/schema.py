@@ -18,21 +18,21 @@ class ModelConfig:
     `flavor` names a preset in `models/keye_vl/configs.py`; fields given next to it override it.
     """
 
-    flavor: str = "tiny"
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    ffn_hidden_size: int
-    rms_norm_eps: float = 1e-6
-    rope_base: float = 1_000_000.0
+    flavor: str = "tiny"  # preset in models/keye_vl/configs.py: tiny | small | 8b
+    vocab_size: int  # real vocabulary size (the tokenizer must fit in it)
+    hidden_size: int  # decoder width
+    num_layers: int  # decoder layers
+    num_attention_heads: int  # query heads
+    num_query_groups: int  # key/value heads (GQA)
+    head_dim: int  # per-head width (may differ from hidden/heads)
+    ffn_hidden_size: int  # SwiGLU inner width
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_base: float = 1_000_000.0  # RoPE base (stage 3 raises it to 8e6)
     # M-RoPE sections over the rotary half-dimension: (t, h, w). Must sum to head_dim // 2.
     mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
-    max_position_embeddings: int = 40960
-    init_std: float = 0.02
-    attention_backend: Literal["auto", "sdpa", "flash", "te"] = "auto"
+    max_position_embeddings: int = 40960  # longest position the model expects
+    init_std: float = 0.02  # std of the normal weight init (drawn per parameter name)
+    attention_backend: Literal["auto", "sdpa", "flash", "te"] = "auto"  # auto: flash-attn on CUDA in 16-bit, else SDPA
     # The embedding and output layer hold `padded_vocab_size` rows: `vocab_size` rounded up to a
     # multiple of this (as Megatron-LM's make_vocab_size_divisible_by, but independent of the
     # tensor-parallel degree, so checkpoints reshard). The extra logit columns are masked out of
@@ -56,73 +56,73 @@ class ModelConfig:
 class ParallelConfig:
     """Parallel degrees. `data` is derived from the world size when left at 0."""
 
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: int = 1
-    context: int = 1
-    data: int = 0
-    sequence_parallel: bool = False
+    tensor: int = 1  # tensor-parallel degree
+    pipeline: int = 1  # pipeline stages
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    context: int = 1  # context-parallel degree
+    data: int = 0  # data-parallel degree; 0 = world size / (tensor * pipeline * context)
+    sequence_parallel: bool = False  # shard norms and dropout over the sequence (TP > 1)
     # ZeRO-1: shard Adam state and the fp32 master copy over data-parallel ranks.
     distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    ddp_bucket_size: int | None = None
+    overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
+    overlap_param_gather: bool = False  # all-gather updated ZeRO-1 parameters during the next forward
+    ddp_bucket_size: int | None = None  # gradient bucket size in elements; None = megatron default
 
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
     """AdamW hyper-parameters; weight decay is never applied to norms and biases."""
 
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of the decay
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 = off
 
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
     """Batch sizes, run length and the learning-rate schedule."""
 
-    train_iters: int = 100
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    warmup_iters: int = 10
-    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    train_iters: int = 100  # optimizer steps in the planned schedule
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    micro_batch_size: int = 1  # sequences per forward/backward pass
+    warmup_iters: int = 10  # linear warmup steps
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # learning-rate decay after warmup
     # Stop (after saving) once this iteration is reached, leaving the LR schedule as planned for
     # train_iters; e.g. a slurm job that resumes in its next allocation. 0 = never.
     exit_at_iteration: int = 0
     # Length of the final decay phase under `wsd` (warmup-stable-decay).
     wsd_decay_iters: int = 0
-    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"  # shape of the wsd decay phase
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     """Where batches come from and how long a sequence is."""
 
-    kind: Literal["synthetic_text", "text_jsonl"] = "synthetic_text"
-    seq_length: int = 128
+    kind: Literal["synthetic_text", "text_jsonl"] = "synthetic_text"  # where batches come from
+    seq_length: int = 128  # tokens per sequence
     # text_jsonl: a JSONL file (or directory of them) with a "text" field per line.
     path: str | None = None
     # A tokenizer.json directory; None means the small tokenizer the project ships.
     tokenizer: str | None = None
     # synthetic_text: how many documents the generator writes.
     num_documents: int = 2000
-    seed: int = 1234
-    shuffle: bool = True
+    seed: int = 1234  # seed of the data order
+    shuffle: bool = True  # shuffle samples each epoch
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
     """Saving and loading. `load` may be a directory of checkpoints (its `latest` is used)."""
 
-    save_dir: str | None = None
-    save_interval: int = 0
-    save_at_end: bool = True
-    load: str | None = None
+    save_dir: str | None = None  # this run's checkpoints; a run whose save_dir holds one resumes from it
+    save_interval: int = 0  # save every N steps; 0 = only at the end
+    save_at_end: bool = True  # save when train_iters is reached
+    load: str | None = None  # seeds a fresh run (ignored when save_dir already holds a checkpoint)
     # Load only model weights (fine-tuning from a converted checkpoint): no optimizer, no step.
     load_weights_only: bool = False
     # How the ZeRO-1 optimizer state is laid out on disk. fully_reshardable (default) loads into
@@ -130,30 +130,30 @@ class CheckpointConfig:
     # dp_reshardable saves without that gather but reloads only with the same TP and PP.
     # (megatron-core 0.16.1 refuses its older fully_sharded_model_space format.)
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
-    keep_last: int = 0
+    keep_last: int = 0  # keep only the newest N checkpoints; 0 = keep all
 
 
 @dataclass(kw_only=True)
 class LoggingConfig:
     """Console progress line, the metrics file and wandb."""
 
-    log_interval: int = 1
-    output_dir: str = "outputs/run"
-    wandb_project: str | None = None
+    log_interval: int = 1  # print and record metrics every N steps
+    output_dir: str = "outputs/run"  # metrics.jsonl and wandb files go here
+    wandb_project: str | None = None  # wandb project; set = online logging
     # offline unless a project is configured; "disabled" turns wandb off entirely.
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    run_name: str | None = None
+    run_name: str | None = None  # wandb run name
 
 
 @dataclass(kw_only=True)
 class StageConfig:
     """What a training stage trains and with which loss head."""
 
-    name: str = "pretrain"
-    loss_head: str = "lm"
+    name: str = "pretrain"  # a label for the stage
+    loss_head: str = "lm"  # registered loss head (heads/)
     # Parameters whose names match any of these fnmatch patterns are frozen.
     freeze: list[str] = field(default_factory=list)
-    max_consecutive_nonfinite: int = 3
+    max_consecutive_nonfinite: int = 3  # stop after this many non-finite steps in a row
 
 
 @dataclass(kw_only=True)
@@ -168,5 +168,5 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stage: StageConfig = field(default_factory=StageConfig)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "fp32"  # parameter and activation dtype (fp32 master weights under bf16)
+    seed: int = 1234  # seed of weights (drawn per parameter name) and dropout
