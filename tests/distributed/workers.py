@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -247,78 +246,3 @@ def train_run_worker(*, layout: dict, weights: dict | None, batches: list[dict],
     with contextlib.suppress(StopAfter):
         trainer.run()
     return {"start": start, "losses": losses, "iteration": trainer.iteration}
-
-
-def reshard_worker(*, layout: dict, weights: dict | None, batches: list[dict], save_dir: str | None,
-                   load: str | None):
-    """Optionally load, evaluate batch 1, train on batch 2, evaluate batch 3; save if asked.
-
-    When saving, the model first takes one step on batch 0 so the optimizer state is not empty.
-    """
-    from megatron_keye.models.keye_vl.builder import load_full_state
-
-    extra = [f"checkpoint.load={load}"] if load else []
-    if save_dir:
-        extra += [f"checkpoint.save_dir={save_dir}"]
-    config = tiny_config(layout, micro_batch=layout.get("micro_batch", 2), extra=tuple(extra))
-    trainer = build_trainer(config, batches, None)
-    if weights is not None and load is None:
-        load_full_state(trainer.model, weights)
-        trainer.optimizer.reload_model_params()
-        trainer.train_step(trainer.loader.next_step())  # batch 0
-        trainer.iteration = 1
-        trainer.save()
-    loader = trainer.loader
-    micro = lambda i: split_global_batch(batches[i], loader.dp_rank, loader.dp_size,  # noqa: E731
-                                         loader.micro_batch)
-    before, _ = trainer.evaluate(micro(1))
-    trainer.train_step(micro(2))
-    after, _ = trainer.evaluate(micro(3))
-    return {"eval_before": before, "eval_after": after, "iteration": trainer.iteration}
-
-
-def crash_during_save_worker(*, weights: dict, batches: list[dict], save_dir: str):
-    """Save at step 2, crash inside the step-3 save, then load what `latest` names."""
-    import os
-
-    from megatron.core import dist_checkpointing
-
-    from megatron_keye.runtime import checkpoint as ckpt_module
-
-    config = tiny_config({}, extra=(f"checkpoint.save_dir={save_dir}",))
-    trainer = build_trainer(config, batches, weights)
-    for _ in range(2):
-        trainer.train_step(trainer.loader.next_step())
-        trainer.iteration += 1
-    trainer.save()
-    saved_eval, _ = trainer.evaluate(split_global_batch(batches[1], 0, 1, 2))
-    trainer.train_step(trainer.loader.next_step())
-    trainer.iteration += 1
-    real_save = dist_checkpointing.save
-
-    def dying_save(state, directory, **kwargs):
-        # Write some real shard files, then die before the checkpoint is complete.
-        real_save(state, directory, **kwargs)
-        os.remove(os.path.join(directory, "metadata.json"))
-        raise RuntimeError("simulated crash during save")
-
-    ckpt_module.dist_checkpointing.save = dying_save
-    try:
-        trainer.save()
-        crashed = False
-    except RuntimeError:
-        crashed = True
-    finally:
-        ckpt_module.dist_checkpointing.save = real_save
-    listing = sorted(os.listdir(save_dir))
-    latest = Path(save_dir, "latest").read_text().strip()
-    # A new run (same process group) resumes from `latest`.
-    fresh = build_trainer(tiny_config({}, extra=(f"checkpoint.load={save_dir}",)), batches, None)
-    resumed_eval, _ = fresh.evaluate(split_global_batch(batches[1], 0, 1, 2))
-    # The next successful save clears the debris of the failed one.
-    fresh.iteration = 5
-    fresh.config.checkpoint.save_dir = save_dir
-    fresh.save()
-    return {"crashed": crashed, "listing": listing, "latest": latest,
-            "resumed_iteration": fresh.iteration, "saved_eval": saved_eval,
-            "resumed_eval": resumed_eval, "listing_after": sorted(os.listdir(save_dir))}
