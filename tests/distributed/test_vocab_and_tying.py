@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megatron_keye.testing.distributed import run_workers
 from tests.distributed.conftest import random_hf_model
 from tests.distributed.workers import tiny_config
-from tests.distributed.workers_vocab import odd_vocab_worker
+from tests.distributed.workers_vocab import import_evaluate_export_worker, odd_vocab_worker
 
 VOCAB = 2001
 TOLERANCE = 1e-5  # relative, as the parity tests
@@ -32,9 +32,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module", params=["untied_fp32", "tied_bf16"])
 def imported(request, tmp_path_factory):
-    """The HF model, a batch, and its imports at TP=2×PP=2 and at TP=1."""
-    from megatron_keye.convert import import_hf
-
+    """The HF model, a batch and transformers' logits and loss; the model's HF directory."""
     tied = request.param == "tied_bf16"
     overrides = (f"model.vocab_size={VOCAB}", f"model.tie_word_embeddings={str(tied).lower()}")
     config = tiny_config({}, seq=16, extra=overrides)
@@ -47,8 +45,6 @@ def imported(request, tmp_path_factory):
         copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(root / "hf")
     else:
         hf.save_pretrained(root / "hf")
-    import_hf(str(root / "hf"), str(root / "tp2pp2"), tensor=2, pipeline=2)
-    import_hf(str(root / "hf"), str(root / "tp1"))
     g = torch.Generator().manual_seed(11)
     rows, seq = 2, 16
     from megatron_keye.models.keye_vl.rope import text_position_ids
@@ -70,28 +66,35 @@ def imported(request, tmp_path_factory):
             "hf_logits": logits, "hf_loss": ((per_token * mask).sum() / mask.sum()).item()}
 
 
+def _merge(results: list) -> dict:
+    results = [r for r in results if r is not None]
+    merged = {"grads": {}, "after_step": {}}
+    for r in results:
+        merged["grads"].update(r["grads"])
+        merged["after_step"].update(r["after_step"])
+    last = max(results, key=lambda r: r["pp_rank"])
+    merged.update({k: last[k] for k in ("logits", "logits_other", "loss", "count", "step_loss",
+                                        "grad_norm")})
+    return merged
+
+
 @pytest.fixture(scope="module")
 def runs(imported):
-    """The worker at TP=1 (loading the TP=2×PP=2 import) and at TP=2×PP=2 (loading TP=1's)."""
+    """Import at TP=2×PP=2; on one rank import at TP=1, evaluate the TP=2×PP=2 checkpoint (then
+    the TP=1 one) and export the TP=2×PP=2 checkpoint; at TP=2×PP=2 evaluate TP=1's (then its
+    own). Three process starts in all."""
+    from megatron_keye.convert import import_hf
+
     root = imported["root"]
-    out = {}
-    for name, layout, world, load, other in (
-        ("tp1", {}, 1, "tp2pp2", "tp1"),
-        ("tp2pp2", {"tensor": 2, "pipeline": 2}, 4, "tp1", "tp2pp2"),
-    ):
-        results = [r for r in run_workers(
-            odd_vocab_worker, world, layout=layout, model_overrides=imported["overrides"],
-            load=str(root / load), also_load=str(root / other), batch=imported["batch"],
-        ) if r is not None]
-        merged = {"grads": {}, "after_step": {}, "by_stage": results}
-        for r in results:
-            merged["grads"].update(r["grads"])
-            merged["after_step"].update(r["after_step"])
-        last = max(results, key=lambda r: r["pp_rank"])
-        merged.update({k: last[k] for k in ("logits", "logits_other", "loss", "count",
-                                            "step_loss", "grad_norm")})
-        out[name] = merged
-    return out
+    common = dict(model_overrides=imported["overrides"], batch=imported["batch"])
+    import_hf(str(root / "hf"), str(root / "tp2pp2"), tensor=2, pipeline=2)
+    tp1 = run_workers(import_evaluate_export_worker, 1, hf_dir=str(root / "hf"),
+                      import_to=str(root / "tp1"), export_from=str(root / "tp2pp2"),
+                      export_to=str(root / "exported"), load=str(root / "tp2pp2"),
+                      also_load=str(root / "tp1"), **common)
+    tp2pp2 = run_workers(odd_vocab_worker, 4, layout={"tensor": 2, "pipeline": 2},
+                         load=str(root / "tp1"), also_load=str(root / "tp2pp2"), **common)
+    return {"tp1": _merge(tp1), "tp2pp2": _merge(tp2pp2)}
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2pp2"])
@@ -131,19 +134,16 @@ def test_gradients_and_step_equal_across_layouts(imported, runs):
         assert (one["grads"]["output_layer.weight"][VOCAB:] == 0).all()
 
 
-def test_export_is_bit_exact_in_the_source_dtype(imported, tmp_path):
+def test_export_is_bit_exact_in_the_source_dtype(imported, runs):
     from safetensors.torch import load_file
 
-    from megatron_keye.convert import export_hf
-
-    root = imported["root"]
-    export_hf(str(root / "tp2pp2"), str(tmp_path / "back"))  # dtype: the source's
+    root = imported["root"]  # exported from the TP=2×PP=2 import, dtype left to the source's
     original = load_file(str(root / "hf" / "model.safetensors"))
-    returned = load_file(str(tmp_path / "back" / "model.safetensors"))
+    returned = load_file(str(root / "exported" / "model.safetensors"))
     assert set(returned) == set(original)
     for name, tensor in original.items():
         assert returned[name].dtype == tensor.dtype and torch.equal(returned[name], tensor), name
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    config = json.loads((root / "exported" / "config.json").read_text())
     assert config["vocab_size"] == VOCAB
     assert config["tie_word_embeddings"] is imported["tied"]
     assert config["torch_dtype"] == ("bfloat16" if imported["tied"] else "float32")

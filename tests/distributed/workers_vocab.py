@@ -94,3 +94,18 @@ def odd_vocab_worker(*, layout: dict, model_overrides: tuple[str, ...], load: st
     trainer.checkpointer.load(also_load, chunks=trainer.model, optimizer=None, weights_only=True)
     result["logits_other"] = _full_logits(trainer, batch)
     return result if result["tp_rank"] == 0 else None
+
+
+def import_evaluate_export_worker(*, hf_dir: str, import_to: str, export_from: str,
+                                  export_to: str, **worker_kwargs) -> dict | None:
+    """On a one-rank world (saving two process starts): import `hf_dir` at TP=1 into
+    `import_to`, run `odd_vocab_worker`, then export `export_from` to `export_to`.
+
+    `convert` runs in this process because it was started as the one rank it needs.
+    """
+    from megatron_keye.convert import export_hf, import_hf
+
+    import_hf(hf_dir, import_to)
+    result = odd_vocab_worker(layout={}, **worker_kwargs)
+    export_hf(export_from, export_to)
+    return result
