@@ -52,3 +52,22 @@ def test_the_shipped_tokenizer_fits_the_tiny_model():
     small = load_config(None, [f"model.vocab_size={KeyeTokenizer.default().vocab_size - 1}"])
     with pytest.raises(ConfigError, match="model.vocab_size"):
         check_tokenizer_fits(small)
+
+
+def test_the_qwen3_0_6b_flavor_is_tied_and_matches_its_hf_config():
+    from megatron_keye.models.keye_vl.hf_adapter import model_fields_from_hf_config
+
+    config = load_config(None, ["model.flavor=0.6b", "parallel.tensor=2", "parallel.pipeline=2"])
+    validate(config, 4)
+    qwen3_0_6b = {  # Qwen/Qwen3-0.6B config.json (the fields the converter reads)
+        "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+        "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "rope_theta": 1000000, "rms_norm_eps": 1e-06,
+        "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "rope_scaling": None,
+    }
+    fields = model_fields_from_hf_config(qwen3_0_6b)
+    for name, value in fields.items():
+        if name != "source_dtype":
+            assert getattr(config.model, name) == value, name
+    assert fields["source_dtype"] == "bf16" and fields["tie_word_embeddings"] is True

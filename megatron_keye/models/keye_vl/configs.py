@@ -1,4 +1,4 @@
-"""Model flavors: `tiny` for tests, `small` for CPU benchmarks, `8b` for Qwen3-8B shapes.
+"""Model flavors: `tiny` for tests, `small` for CPU benchmarks, `0.6b` and `8b` for Qwen3 shapes.
 
 A flavor is a plain mapping of `ModelConfig` fields; recipes name one and may override any field.
 """
@@ -32,6 +32,20 @@ FLAVORS: dict[str, dict] = {
         rope_base=1_000_000.0,
         mrope_section=[8, 12, 12],
         max_position_embeddings=32768,
+    ),
+    # Qwen3-0.6B shapes (tied embeddings): the language model of a small Keye.
+    "0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        num_layers=28,
+        num_attention_heads=16,
+        num_query_groups=8,
+        head_dim=128,
+        ffn_hidden_size=3072,
+        rope_base=1_000_000.0,
+        mrope_section=[16, 24, 24],
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
     ),
     # Qwen3-8B, the Keye-VL-1.5 language model (spec section 1.3).
     "8b": dict(
