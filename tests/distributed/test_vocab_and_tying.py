@@ -68,10 +68,11 @@ def imported(request, tmp_path_factory):
 
 def _merge(results: list) -> dict:
     results = [r for r in results if r is not None]
-    merged = {"grads": {}, "after_step": {}}
+    merged = {"grads": {}, "after_step": {}, "fresh": {}}
     for r in results:
         merged["grads"].update(r["grads"])
         merged["after_step"].update(r["after_step"])
+        merged["fresh"].update(r["fresh_vocab_weights"])
     last = max(results, key=lambda r: r["pp_rank"])
     merged.update({k: last[k] for k in ("logits", "logits_other", "loss", "count", "step_loss",
                                         "grad_norm")})
@@ -127,7 +128,9 @@ def test_gradients_and_step_equal_across_layouts(imported, runs):
         assert relative_error(four["grads"]["output_layer.weight"], one["grads"][embedding]) \
             < TOLERANCE
         assert torch.equal(four["grads"]["output_layer.weight"], four["grads"][embedding])
-        # ... so the two copies stay equal after the optimizer step
+        # a fresh model starts with the last stage's copy equal to the embedding ...
+        assert torch.equal(four["fresh"]["output_layer.weight"], four["fresh"][embedding])
+        # ... and the two copies stay equal after the optimizer step
         assert torch.equal(four["after_step"]["output_layer.weight"],
                            four["after_step"][embedding])
     else:

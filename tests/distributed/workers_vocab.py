@@ -47,7 +47,7 @@ def _full_logits(trainer, batch: dict) -> torch.Tensor | None:
     return torch.cat(pieces, dim=-1).transpose(0, 1).contiguous()
 
 
-def _gathered(trainer, *, grads: bool) -> dict[str, torch.Tensor]:
+def _gathered(trainer=None, *, grads: bool, chunks=None) -> dict[str, torch.Tensor]:
     """This stage's full (tensor-parallel-merged) gradients or weights, by global name."""
     from megatron.core import parallel_state as ps
 
@@ -56,7 +56,7 @@ def _gathered(trainer, *, grads: bool) -> dict[str, torch.Tensor]:
 
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}
-    for chunk in trainer.model:
+    for chunk in trainer.model if chunks is None else chunks:
         for name, param in named_parameters_global(chunk).items():
             local = (param.main_grad if grads else param).detach().contiguous()
             pieces = [torch.empty_like(local) for _ in range(tp)]
@@ -82,6 +82,13 @@ def odd_vocab_worker(*, layout: dict, model_overrides: tuple[str, ...], load: st
     microbatches = split_global_batch(batch, 0, 1, rows)
     result: dict = {"pp_rank": ps.get_pipeline_model_parallel_rank(),
                     "tp_rank": ps.get_tensor_model_parallel_rank()}
+    # A freshly built (randomly initialized) model of this layout, before any loading.
+    from megatron_keye.models.keye_vl.builder import build_model_chunks
+
+    fresh = _gathered(grads=False, chunks=build_model_chunks(config))
+    result["fresh_vocab_weights"] = {k: v for k, v in fresh.items()
+                                     if k in ("embedding.word_embeddings.weight",
+                                              "output_layer.weight")}
     result["logits"] = _full_logits(trainer, batch)
     result["loss"], result["count"] = trainer.evaluate(microbatches)
     for chunk in trainer.model:
