@@ -79,6 +79,11 @@ def export_hf(checkpoint: str, out_dir: str, *, tokenizer_dir: str | None = None
     return path
 
 
+def export_dtype(config: TrainConfig, requested: str | None = None) -> str:
+    """The dtype an export writes: `requested`, else the HF source's, else the run's precision."""
+    return requested or config.model.source_dtype or config.precision
+
+
 def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str) -> TrainConfig:
     """A run config whose model section matches a HF Qwen3 config.json."""
     directory = Path(hf_dir)
@@ -160,7 +165,7 @@ def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None,
     )
     native = {k: v.detach() for k, v in named_parameters_global(chunks[0]).items()}
     hf = hf_adapter.native_to_hf(native, config.model)
-    dtype = dtype or config.model.source_dtype or config.precision
+    dtype = export_dtype(config, dtype)
     torch_dtype = TORCH_DTYPES[dtype]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

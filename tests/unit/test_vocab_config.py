@@ -71,3 +71,13 @@ def test_the_qwen3_0_6b_flavor_is_tied_and_matches_its_hf_config():
         if name != "source_dtype":
             assert getattr(config.model, name) == value, name
     assert fields["source_dtype"] == "bf16" and fields["tie_word_embeddings"] is True
+
+
+def test_export_dtype_follows_the_source_then_the_run():
+    from megatron_keye.convert import export_dtype
+
+    assert export_dtype(load_config(None, [])) == "fp32"
+    assert export_dtype(load_config(None, ["precision=bf16"])) == "bf16"
+    imported_bf16 = load_config(None, ["model.source_dtype=bf16"])
+    assert export_dtype(imported_bf16) == "bf16"
+    assert export_dtype(imported_bf16, "fp32") == "fp32"  # --dtype overrides
