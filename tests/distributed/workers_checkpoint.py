@@ -203,9 +203,10 @@ def weights_only_worker(*, weights: dict | None, batches: list[dict], save_dir: 
     moments = [s[k].abs().sum().item() for part in optimizer_parts(trainer.optimizer)
                for s in part.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq") if k in s]
     position = {"iteration": trainer.iteration, "scheduler_steps": trainer.scheduler.num_steps,
-                "loader_step": trainer.loader.step, "moments": sum(moments)}
+                "loader_step": trainer.loader.step, "moments": sum(moments),
+                "lr_next": trainer.optimizer.param_groups[0]["lr"]}  # the next step's rate
     step = trainer.train_step(split_global_batch(batches[0], 0, 1, 2))
-    return {"params": params, **position, "step_loss": step.loss, "step_lr": step.lr,
+    return {"params": params, **position, "step_loss": step.loss,
             "params_after": local_params(trainer)}
 
 
