@@ -184,6 +184,12 @@ def _copy_tokenizer(source: Path, out: Path, hf_config: dict) -> None:
     copied = [n for n in TOKENIZER_FILES if (source / n).exists()]
     if "tokenizer.json" not in copied:
         raise FileNotFoundError(f"{source}: no tokenizer.json to export with the model")
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    if size > hf_config["vocab_size"]:
+        raise ValueError(f"{source}: the tokenizer has {size} tokens but the model's vocab_size "
+                         f"is {hf_config['vocab_size']}")
     for name in copied:
         shutil.copy(source / name, out / name)
     cfg_path = source / "tokenizer_config.json"

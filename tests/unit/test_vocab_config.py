@@ -81,3 +81,16 @@ def test_export_dtype_follows_the_source_then_the_run():
     imported_bf16 = load_config(None, ["model.source_dtype=bf16"])
     assert export_dtype(imported_bf16) == "bf16"
     assert export_dtype(imported_bf16, "fp32") == "fp32"  # --dtype overrides
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+    from megatron_keye.convert import _copy_tokenizer
+    from megatron_keye.data.tokenizer import DEFAULT_TOKENIZER_DIR, KeyeTokenizer
+
+    size = KeyeTokenizer.default().vocab_size
+    with pytest.raises(ValueError, match=f"the tokenizer has {size} tokens but the model's "
+                       f"vocab_size is {size - 1}"):
+        _copy_tokenizer(DEFAULT_TOKENIZER_DIR, tmp_path, {"vocab_size": size - 1})
+    config = {"vocab_size": size}
+    _copy_tokenizer(DEFAULT_TOKENIZER_DIR, tmp_path, config)
+    assert (tmp_path / "tokenizer.json").exists()
