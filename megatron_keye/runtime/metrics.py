@@ -168,6 +168,7 @@ def format_progress(step: int, total: int, m: dict) -> str:
         ("grad_norm", "grad {:.3f}"),
         ("lr", "lr {:.2e}"),
         ("tokens_per_s", "tok/s {:,.0f}"),
+        ("loss_tokens_per_s", "loss tok/s {:,.0f}"),
         ("mfu", "mfu {:.1%}"),
         ("peak_mem_gb", "mem {:.2f}GB"),
         ("step_time_s", "{:.3f}s/it"),

@@ -38,7 +38,11 @@ def hf_loss_and_grads(reference_setup):
 def test_single_process_matches_transformers(reference_setup, single_process_reference):
     loss, grads = hf_loss_and_grads(reference_setup)
     ours = single_process_reference
-    assert ours["count"] == reference_setup["batch"]["loss_mask"].sum().item()
+    batch = reference_setup["batch"]
+    assert ours["count"] == batch["loss_mask"].sum().item()
+    # Throughput counts every processed token; the loss-token count excludes masked ones.
+    assert ours["step_tokens"] == batch["tokens"].numel()
+    assert ours["step_loss_tokens"] == batch["loss_mask"].sum().item() < ours["step_tokens"]
     assert abs(ours["loss"] - loss) / abs(loss) < TOLERANCE
     assert set(ours["grads"]) == set(grads)
     for name, grad in grads.items():

@@ -143,6 +143,7 @@ def grad_parity_worker(*, layout: dict, weights: dict, batch: dict, zero1_step: 
         step = trainer.train_step(trainer.loader.next_step())
         result["step_loss"] = step.loss
         result["grad_norm"] = step.grad_norm
+        result["step_tokens"], result["step_loss_tokens"] = step.tokens, step.loss_tokens
         result["params_after"] = local_params(trainer)
         from megatron_keye.runtime.optim import optimizer_state_bytes
 

@@ -14,6 +14,7 @@ def test_qwen3_8b_flops_match_the_anchor_table():
 
 def test_progress_line():
     line = format_progress(10, 100, {"loss": 2.5, "grad_norm": 1.0, "lr": 1e-3,
-                                     "tokens_per_s": 1234.0, "mfu": 0.1, "skipped_steps": 2})
+                                     "tokens_per_s": 1234.0, "loss_tokens_per_s": 617.0,
+                                     "mfu": 0.1, "skipped_steps": 2})
     assert line.startswith("step     10/100 | loss 2.5000")
-    assert "tok/s 1,234" in line and "mfu 10.0%" in line and "skipped 2" in line
+    assert "tok/s 1,234 | loss tok/s 617" in line and "mfu 10.0%" in line and "skipped 2" in line
