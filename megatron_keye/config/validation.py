@@ -166,6 +166,12 @@ def _validate_schedule(config: TrainConfig, world_size: int) -> None:
         )
     if config.stage.max_consecutive_nonfinite < 1:
         raise ConfigError("stage.max_consecutive_nonfinite", "must be >= 1")
+    if 0 < s.exit_at_iteration < s.train_iters and not config.checkpoint.save_dir:
+        raise ConfigError(
+            "checkpoint.save_dir",
+            f"required with schedule.exit_at_iteration={s.exit_at_iteration}: stopping early "
+            f"without a checkpoint would lose the run",
+        )
 
 
 def check_tokenizer_fits(config: TrainConfig, tokenizer=None) -> None:

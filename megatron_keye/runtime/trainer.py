@@ -217,10 +217,11 @@ class Trainer:
         totals = self.step_runner.global_reports(reports)
         loss_sum, count = totals.pop(LOSS_KEY)
         finite = math.isfinite(loss_sum) and count > 0
+        # The rate this update uses (the scheduler then moves on to the next step's).
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
         outcome = guarded_step(self.optimizer, loss_is_finite=finite)
         if outcome.applied:
             self.scheduler.step(increment=1)
-        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
         return StepResult(
             loss=loss_sum / count if count else float("nan"),
             tokens=self.tokens_per_step,

@@ -49,7 +49,9 @@ def nonfinite_worker(*, weights, batches):
     original = trainer.train_step
 
     def step(mb):
+        rate_in_use = trainer.optimizer.param_groups[0]["lr"]
         result = original(mb)
+        assert result.lr == rate_in_use, (result.lr, rate_in_use)  # logged = rate applied
         snapshots.append(local_params(trainer))
         lrs.append(trainer.scheduler.num_steps)
         results.append((result.loss, result.applied))

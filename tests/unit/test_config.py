@@ -78,6 +78,7 @@ REFUSED = [
     (["schedule.decay_style=wsd"], 1, "schedule.wsd_decay_iters"),
     (["model.mrope_section=[4,4,5]"], 1, "model.mrope_section"),
     (["model.attention_backend=flash"], 1, "model.attention_backend"),
+    (["schedule.exit_at_iteration=5"], 1, "checkpoint.save_dir"),  # would stop and lose the run
 ]
 
 
