@@ -5,8 +5,8 @@
 Both sides do the same work on the same file: read the video, sample frames at 2 fps (decord in
 keye-vl-utils), classify slow/fast frames and solve the token budget. Runs alternate between the
 sides and the median wall time of each gives frames/s (sampled frames per second; source frames per
-second are in proportion). Ours is timed with each requested backend ("auto" is PyAV, with decord
-as its fallback). The script checks that every side returns identical frames, timestamps, frame
+second are in proportion). Ours is timed with each requested backend ("auto" picks the reader per stream:
+PyAV for this H.264 clip). The script checks that every side returns identical frames, timestamps, frame
 types and slow/fast sizes, and prints where our time goes. It asserts nothing about time. The
 synthetic clip (libx264, scene cuts, static, fading and panning stretches) is written once and
 cached.
