@@ -18,7 +18,7 @@ import threading
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_keye.runtime.mcore_version import require_supported_mcore
+from megatron_keye.mcore_version import require_supported_mcore
 
 _APPLIED = False
 _LOCK = threading.Lock()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_keye.runtime.mcore_version import require_supported_mcore
+from megatron_keye.mcore_version import require_supported_mcore
 
 _APPLIED = False
 

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_keye.runtime import mcore_version
-from megatron_keye.runtime.mcore_fallback import match_step_devices, own_step_counters
-from megatron_keye.runtime.mcore_version import (
+from megatron_keye import mcore_version
+from megatron_keye.mcore_version import (
     ALLOW_ENV,
     SUPPORTED_MCORE_VERSION,
     UnsupportedMcoreVersion,
     require_supported_mcore,
 )
+from megatron_keye.runtime.mcore_fallback import match_step_devices, own_step_counters
 
 
 def test_installed_megatron_core_is_the_supported_one():

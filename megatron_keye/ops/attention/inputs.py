@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_keye.mcore_version import require_supported_mcore
 from megatron_keye.ops.attention.rope import RotaryTables
-from megatron_keye.runtime.mcore_version import require_supported_mcore
 
 require_supported_mcore("AttentionInputs (a PackedSeqParams subclass, ops/attention/inputs.py)")
 
