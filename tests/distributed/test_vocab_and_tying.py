@@ -2,7 +2,8 @@
 
 A random transformers Qwen3ForCausalLM with vocab_size 2001 (padded to 2048: 47 masked columns,
 all on the second tensor-parallel rank), GQA and head_dim != hidden/heads, untied in fp32 and tied
-in bf16, is imported at TP=2×PP=2 and at TP=1; each checkpoint is loaded in the other's layout.
+in bf16, is imported at TP=2×PP=2 and at TP=1; each checkpoint is loaded in the other's layout
+(TP=2×PP=2 runs with sequence parallelism).
 Checked: logits = transformers' within 1e-4, LM loss = transformers', gradients and the step's
 loss equal across layouts (the tied matrix's gradient summed over first and last stage), the two
 copies of a tied matrix equal after a step, and HF → native → HF bit-exact in the source dtype.
@@ -93,7 +94,8 @@ def runs(imported):
                       import_to=str(root / "tp1"), export_from=str(root / "tp2pp2"),
                       export_to=str(root / "exported"), load=str(root / "tp2pp2"),
                       also_load=str(root / "tp1"), **common)
-    tp2pp2 = run_workers(odd_vocab_worker, 4, layout={"tensor": 2, "pipeline": 2},
+    layout = {"tensor": 2, "pipeline": 2, "sp": True}
+    tp2pp2 = run_workers(odd_vocab_worker, 4, layout=layout,
                          load=str(root / "tp1"), also_load=str(root / "tp2pp2"), **common)
     return {"tp1": _merge(tp1), "tp2pp2": _merge(tp2pp2)}
 
