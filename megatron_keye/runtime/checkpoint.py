@@ -144,6 +144,7 @@ class Checkpointer:
         if directory is None:
             raise FileNotFoundError(f"checkpoint.load: no checkpoint found at {path}")
         common = dist_checkpointing.load_common_state_dict(str(directory))
+        _check_same_vocabulary(common.get("config") or {}, self.run_config, directory)
         if not common.get("has_optimizer", True):
             # A converted (e.g. imported from HF) checkpoint: weights only, training starts fresh.
             weights_only = True
@@ -213,6 +214,30 @@ def _clean_debris(root: Path) -> None:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(old, final)
     (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+
+
+def _check_same_vocabulary(saved: dict, current: dict, directory: Path) -> None:
+    """Refuse a checkpoint of another vocabulary: its embedding rows would load silently.
+
+    (megatron-core loads a [V', h] embedding into a [V, h] one without complaint.)
+    """
+    saved_model, model = saved.get("model") or {}, current.get("model") or {}
+
+    def padded(m: dict) -> int | None:
+        if "vocab_size" not in m or "make_vocab_size_divisible_by" not in m:
+            return None
+        multiple = max(1, int(m["make_vocab_size_divisible_by"]))
+        return -(-int(m["vocab_size"]) // multiple) * multiple
+
+    for key, theirs, ours in (
+        ("vocab_size", saved_model.get("vocab_size"), model.get("vocab_size")),
+        ("make_vocab_size_divisible_by", padded(saved_model), padded(model)),
+    ):
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(
+                f"model.{key}: checkpoint {directory} was saved with a vocabulary of {theirs} "
+                f"rows, this run has {ours}; use the checkpoint's model settings"
+            )
 
 
 def _commit(tmp: Path, final: Path, root: Path) -> None:

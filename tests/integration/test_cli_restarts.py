@@ -77,3 +77,19 @@ def test_requeued_finetune_resumes_from_its_own_checkpoint_not_the_base(tmp_path
     assert steps == [1, 2, 3, 4]  # continued at 3, not restarted at 1
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     assert (ckpt / "iter_0000002" / "metadata.json").exists()  # its own history is intact
+
+
+def test_checkpoint_of_another_vocabulary_is_refused_in_one_line(tmp_path):
+    single = [*COMMON, "--parallel.tensor=1", "--parallel.pipeline=1",
+              "--schedule.train_iters=1", "--schedule.warmup_iters=0"]
+    base = tmp_path / "base"
+    first = megatron_keye(["train", *single, f"--logging.output_dir={tmp_path / 'b'}",
+                           f"--checkpoint.save_dir={base}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = megatron_keye(["train", *single, "--model.vocab_size=4096",
+                           f"--checkpoint.load={base}", f"--checkpoint.save_dir={tmp_path / 'o'}",
+                           f"--logging.output_dir={tmp_path / 'o'}"])
+    assert other.returncode == 2
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.vocab_size: checkpoint") and "4096" in last
+    assert not (tmp_path / "o" / "latest").exists()
