@@ -60,6 +60,11 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline stages
     virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     context: int = 1  # context-parallel degree
+    # How context-parallel attention exchanges K/V: p2p (ring, zig-zag balanced), a2a (Ulysses;
+    # needs KV heads per TP rank divisible by context), allgather, or a2a+p2p (a2a within groups
+    # of cp_a2a_size consecutive ranks, ring across them).
+    cp_comm: Literal["p2p", "a2a", "allgather", "a2a+p2p"] = "p2p"
+    cp_a2a_size: int = 1  # a2a group size under cp_comm=a2a+p2p (divides context)
     data: int = 0  # data-parallel degree; 0 = world size / (tensor * pipeline * context)
     sequence_parallel: bool = False  # shard norms and dropout over the sequence (TP > 1)
     # ZeRO-1: shard Adam state and the fp32 master copy over data-parallel ranks.

@@ -49,10 +49,13 @@ def _validate_parallel(config: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             "parallel.virtual_pipeline", "virtual pipeline stages need parallel.pipeline >= 2"
         )
-    if p.context > 1:
+    if p.context > 1 and p.cp_comm == "a2a+p2p" and (
+        p.cp_a2a_size < 2 or p.cp_a2a_size >= p.context or p.context % p.cp_a2a_size
+    ):
         raise ConfigError(
-            "parallel.context",
-            "context parallelism is not available yet in this release; set parallel.context=1",
+            "parallel.cp_a2a_size",
+            f"{p.cp_a2a_size} must divide parallel.context ({p.context}) and lie strictly "
+            f"between 1 and it under parallel.cp_comm=a2a+p2p",
         )
     if p.overlap_param_gather and not p.distributed_optimizer:
         raise ConfigError(
@@ -118,11 +121,8 @@ def _validate_model(config: TrainConfig) -> None:
             "data.seq_length",
             f"{seq} is not divisible by parallel.tensor ({p.tensor}) under sequence parallel",
         )
-    if p.context > 1 and seq % (2 * p.context):
-        raise ConfigError(
-            "data.seq_length",
-            f"{seq} is not divisible by 2 x parallel.context ({2 * p.context})",
-        )
+    if p.context > 1:
+        _validate_context_parallel(config)
     if m.attention_backend in ("flash", "te"):
         import torch
 
@@ -130,6 +130,35 @@ def _validate_model(config: TrainConfig) -> None:
             raise ConfigError(
                 "model.attention_backend",
                 f"{m.attention_backend!r} needs CUDA; use 'auto' or 'sdpa' on this machine",
+            )
+
+
+def _validate_context_parallel(config: TrainConfig) -> None:
+    m, p, seq = config.model, config.parallel, config.data.seq_length
+    sp = p.sequence_parallel and p.tensor > 1
+    multiple = 2 * p.context * (p.tensor if sp else 1)
+    if seq % multiple:
+        raise ConfigError(
+            "data.seq_length",
+            f"{seq} is not divisible by 2 x parallel.context"
+            + (" x parallel.tensor (sequence parallel)" if sp else "")
+            + f" = {multiple}: each rank holds two of 2 x context zig-zag chunks",
+        )
+    if m.attention_backend in ("flash", "te"):
+        raise ConfigError(
+            "model.attention_backend",
+            f"{m.attention_backend!r} has no context-parallel path here yet; use 'auto' or "
+            f"'sdpa' with parallel.context > 1",
+        )
+    a2a = {"a2a": p.context, "a2a+p2p": p.cp_a2a_size}.get(p.cp_comm)
+    if a2a:
+        kv_heads, heads = m.num_query_groups // p.tensor, m.num_attention_heads // p.tensor
+        if kv_heads % a2a or heads % a2a:
+            raise ConfigError(
+                "parallel.cp_comm",
+                f"{p.cp_comm} splits the {kv_heads} KV heads (and {heads} query heads) per "
+                f"tensor-parallel rank over {a2a} ranks, which does not divide them; use "
+                f"parallel.cp_comm=p2p or allgather, or a smaller parallel.context",
             )
 
 

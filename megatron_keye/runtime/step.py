@@ -4,7 +4,8 @@
 only. It moves each micro-batch to the device, runs this rank's model chunks under the schedule
 of the layout (no pipelining, 1F1B or interleaved), hands the last stage's output to the loss
 head and sums the heads' [sum, count] reports over micro-batches, pipeline stages and
-data×context ranks. Context-parallel splitting of a batch belongs here too.
+data×context ranks. Under context parallelism each micro-batch is first cut to this rank's
+zig-zag share (`runtime/context_split.py`); the loss sums then add up over the CP ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_keye.heads import LossHead
 from megatron_keye.heads.base import report_entry
 from megatron_keye.runtime.comm import all_reduce_values
+from megatron_keye.runtime.context_split import split_for_context_parallel
 
 # The report entry holding the (sum, count) the gradients were computed from.
 LOSS_KEY = "__loss__"
@@ -43,6 +45,8 @@ class ModelStep:
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self._report_names: list[str] | None = None
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
 
     def run(self, microbatches: list[Mapping[str, torch.Tensor]], *, forward_only: bool = False,
             force_all_reduce: bool = False) -> list[dict]:
@@ -66,7 +70,10 @@ class ModelStep:
 
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"])
+        if self.cp_size > 1:
+            batch = split_for_context_parallel(batch, cp_size=self.cp_size, cp_rank=self.cp_rank)
+        output = model(batch["tokens"], batch["position_ids"],
+                       segments=batch.get("sample_ids"), positions=batch.get("positions"))
         return output, functools.partial(self._compute_loss, batch)
 
     def _compute_loss(self, batch, output):

@@ -69,7 +69,13 @@ REFUSED = [
     (["parallel.virtual_pipeline=2"], 1, "parallel.virtual_pipeline"),  # VPP without PP
     (["parallel.tensor=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2,
      "data.seq_length"),
-    (["parallel.context=2"], 2, "parallel.context"),
+    (["parallel.context=2", "data.seq_length=66"], 2, "data.seq_length"),  # 2 x CP chunks
+    (["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
+      "data.seq_length=68"], 4, "data.seq_length"),  # 2 x CP x TP under SP
+    (["parallel.context=4", "parallel.cp_comm=a2a"], 4, "parallel.cp_comm"),  # 2 KV heads
+    (["parallel.context=4", "parallel.cp_comm=a2a+p2p"], 4, "parallel.cp_a2a_size"),
+    (["parallel.context=4", "parallel.cp_comm=a2a+p2p", "parallel.cp_a2a_size=3"], 4,
+     "parallel.cp_a2a_size"),
     (["schedule.global_batch_size=6", "schedule.micro_batch_size=4"], 1,
      "schedule.global_batch_size"),
     (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "schedule.global_batch_size=6",

@@ -33,6 +33,8 @@ def build_model_chunks(config: TrainConfig, device: torch.device | None = None) 
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage,
+            cp_comm=config.parallel.cp_comm,
+            cp_a2a_size=config.parallel.cp_a2a_size,
         )
         if device is not None and device.type != "cpu":
             chunk = chunk.to(device)

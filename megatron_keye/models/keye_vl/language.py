@@ -107,6 +107,8 @@ class Qwen3LanguageModel(LanguageModule):
         post_process: bool = True,
         vp_stage: int | None = None,
         parallel_output: bool = True,
+        cp_comm: str = "p2p",
+        cp_a2a_size: int = 1,
     ):
         super().__init__(config=config)
         self.model_config = model
@@ -136,7 +138,8 @@ class Qwen3LanguageModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=config,
-            spec=decoder_block_spec(config, attention_backend=backend, vp_stage=vp_stage),
+            spec=decoder_block_spec(config, attention_backend=backend, vp_stage=vp_stage,
+                                    cp_comm=cp_comm, cp_a2a_size=cp_a2a_size),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
@@ -171,11 +174,14 @@ class Qwen3LanguageModel(LanguageModule):
         *,
         decoder_input: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run this stage.
 
         input_ids [b, s] (first stage, unless `decoder_input` [s, b, h] is given),
         position_ids [3, b, s], segments [b, s] (sample id per token for packed rows, optional).
+        Under context parallelism every input holds this rank's zig-zag chunks and `positions`
+        [b, s] gives each token's place in its full row (what causal masks compare).
         Returns vocab-parallel logits [s, b, padded_vocab/tp] (padded columns masked) on the
         last stage and hidden states [s(/tp under SP), b, h] elsewhere.
         """
@@ -188,9 +194,10 @@ class Qwen3LanguageModel(LanguageModule):
             packed_seq_params = AttentionInputs(
                 rotary=RotaryTables.from_angles(angles),
                 segments=segments,
+                positions=positions,
             )
         else:
-            if segments is not None:
+            if segments is not None or positions is not None:
                 raise NotImplementedError("packed rows (segments) need the local attention spec")
             rotary_pos_emb = angles
         hidden = self.decoder(

@@ -36,7 +36,8 @@ _TE_COMPATIBLE_KEYS = {
 }
 
 
-def local_layer_spec(*, attention_backend: str = "sdpa") -> ModuleSpec:
+def local_layer_spec(*, attention_backend: str = "sdpa", cp_comm: str = "p2p",
+                     cp_a2a_size: int = 1) -> ModuleSpec:
     """A Qwen3 layer from megatron-core TP layers, our RMSNorm, SwiGLU and core attention.
 
     The SwiGLU module is used when the TransformerConfig sets `use_te_activation_func`
@@ -51,7 +52,10 @@ def local_layer_spec(*, attention_backend: str = "sdpa") -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=functools.partial(CoreAttention, backend=attention_backend),
+                    core_attention=functools.partial(
+                        CoreAttention, backend=attention_backend, cp_comm=cp_comm,
+                        cp_a2a_size=cp_a2a_size,
+                    ),
                     linear_proj=RowParallelLinear,
                     q_layernorm=RMSNorm,
                     k_layernorm=RMSNorm,
@@ -98,7 +102,8 @@ def te_layer_spec() -> ModuleSpec:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, *, attention_backend: str, vp_stage: int | None
+    config: TransformerConfig, *, attention_backend: str, vp_stage: int | None,
+    cp_comm: str = "p2p", cp_a2a_size: int = 1,
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
     wanted = uses_spec_activation(attention_backend)
@@ -111,7 +116,9 @@ def decoder_block_spec(
     if attention_backend == "te":
         layer, final_norm = te_layer_spec(), _mcore_te_specs().TENorm
     else:
-        layer, final_norm = local_layer_spec(attention_backend=attention_backend), RMSNorm
+        layer = local_layer_spec(attention_backend=attention_backend, cp_comm=cp_comm,
+                                 cp_a2a_size=cp_a2a_size)
+        final_norm = RMSNorm
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm)
 

@@ -99,11 +99,14 @@ class CoreAttention(MegatronModule):
         pg_collection=None,
         *,
         backend: str = "sdpa",
+        cp_comm: str = "p2p",
+        cp_a2a_size: int = 1,
     ):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.backend = resolve_backend(backend, dtype=config.params_dtype)
+        self.cp_comm, self.cp_a2a_size = cp_comm, cp_a2a_size
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
@@ -124,9 +127,10 @@ class CoreAttention(MegatronModule):
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         sq, b, heads, dim = query.shape
-        rotary, segments = None, None
+        rotary, segments, positions = None, None, None
         if isinstance(packed_seq_params, AttentionInputs):
             rotary, segments = packed_seq_params.rotary, packed_seq_params.segments
+            positions = packed_seq_params.positions
         elif packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
             segments = segment_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, sq)
         # [s, b, h, d] -> [b, h, s, d], rotated when tables are given.
@@ -139,7 +143,21 @@ class CoreAttention(MegatronModule):
         # Dropout masks differ per tensor-parallel rank (they hold different heads).
         rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
         with rng:
-            if self.backend == "flash":
+            if positions is not None:  # context parallel: this rank holds zig-zag chunks
+                if dropout > 0:
+                    raise NotImplementedError("attention dropout under context parallelism")
+                from megatron.core import parallel_state
+
+                from megatron_keye.ops.attention.context_parallel import (
+                    context_parallel_attention,
+                )
+
+                out = context_parallel_attention(
+                    q, k, v, causal=causal, scale=self.softmax_scale, positions=positions,
+                    segments=segments, group=parallel_state.get_context_parallel_group(),
+                    comm=self.cp_comm, a2a_size=self.cp_a2a_size,
+                )
+            elif self.backend == "flash":
                 from megatron_keye.ops.attention.flash import flash_attention
 
                 out = flash_attention(q, k, v, causal=causal, segments=segments,

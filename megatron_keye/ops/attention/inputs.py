@@ -25,6 +25,9 @@ class AttentionInputs(PackedSeqParams):
     rotary: RotaryTables | None = None
     # [b, s] sample id per token when several samples share a row; None = one sample per row.
     segments: torch.Tensor | None = None
+    # [b, s] position of each local token in its full row, under context parallelism (this
+    # rank's zig-zag chunks); None without context parallelism.
+    positions: torch.Tensor | None = None
 
     def __post_init__(self):
         self.qkv_format = "sbhd"
