@@ -5,6 +5,7 @@
     megatron-keye convert export --checkpoint CKPT --out HF --tokenizer DIR
     megatron-keye config --recipe tiny-cpu-text --world-size 4   # resolve and validate only
     megatron-keye demo                                            # the CPU demo (make demo)
+    megatron-keye plan --flavor 8b --seq 131072 --gpus 8          # rank TP/CP/PP/DP layouts
 """
 
 from __future__ import annotations
@@ -134,7 +135,14 @@ def _demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
-COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo}
+def _plan(argv: list[str]) -> int:
+    from megatron_keye.planning import cli_main
+
+    return cli_main(argv)
+
+
+COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo,
+            "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

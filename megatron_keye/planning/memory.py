@@ -1,0 +1,243 @@
+"""Per-rank memory of a layout: weights, gradients, ZeRO-1 optimizer state, activations.
+
+Activation model
+----------------
+Activation memory is the sum over *components*: tensors autograd keeps for the backward pass,
+each given as elements per token (per layer, or per model for the embedding/head side), a
+storage dtype ("act" = the run's precision, or "fp32") and how it is sharded:
+
+- "tp": split over tensor-parallel ranks (heads or FFN columns) whether or not SP is on;
+- "sp": hidden-wide tensors, split over TP only under sequence parallelism;
+- every component is split over CP (each CP rank holds S/CP tokens).
+
+The components are what this project's modules save (read off `measure.SavedTensorCounter`
+on the tiny flavor: `megatron_keye/ops/norm.py` computes RMSNorm in fp32 and saves its fp32
+input copy, rstd and the normalized tensor; the following linear saves the norm output;
+`ops/attention` saves the rotated q/k, v (a view of the fused QKV output), the output and the
+log-sum-exp; SwiGLU saves the fc1 output; fc2 saves the SwiGLU output). With the fused flash
+kernels (GPU flash-attn, and torch's CPU SDPA) no S×S score matrix is kept.
+
+Recompute (megatron's `recompute_granularity`):
+- "none": every component;
+- "selective": megatron's default `recompute_modules=["core_attn"]`: the core-attention
+  internals (rotated q/k, output, lse) are dropped and its inputs (q/k norm outputs) kept;
+- "full" (uniform, one layer per checkpoint): each layer keeps only its input (h, act, "sp"),
+  and the backward pass of one layer re-materializes that layer's "none" set (a transient).
+
+Pipeline: with 1F1B the first stage holds min(PP, m) micro-batches in flight, interleaving
+multiplies that by (1 + (PP-1)/(PP·VPP)) (Korthikanti et al. 2022); the last stage holds one,
+plus the final norm and the logits. The fp32 cross-entropy keeps its softmax (s × V/TP × 4 B);
+in 16-bit runs the 16-bit logits coexist with that fp32 copy for a moment (a transient).
+
+`CALIBRATION` multiplies each component; all are 1.0 after the calibration against this
+machine (tests/unit/test_planner.py measures the tiny flavor: prediction within 1%). A GPU
+benchmark that measures another stack (TE fused norms, say) sets them here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megatron_keye.planning.layout import Layout
+from megatron_keye.planning.shapes import ModelShape
+
+GIB = float(2**30)
+
+# Multiplier per activation component (see module docstring). 1.0 = as derived from the code.
+CALIBRATION: dict[str, float] = {}
+
+
+@dataclass(kw_only=True, frozen=True)
+class Component:
+    """One saved tensor kind: `elements` per token, its dtype and sharding."""
+
+    name: str
+    elements: float
+    dtype: str  # "act" | "fp32" | "int64"
+    shard: str  # "tp" | "sp" | "none"
+
+
+def _norm(prefix: str, width: int, shard: str, *, out_saved: bool) -> list[Component]:
+    """This project's RMSNorm: fp32 input copy, rstd, normalized; the output when a linear
+    follows (the linear saves its input)."""
+    parts = [Component(name=f"{prefix}_in", elements=width, dtype="fp32", shard=shard),
+             Component(name=f"{prefix}_rstd", elements=1, dtype="fp32", shard=shard),
+             Component(name=f"{prefix}_normalized", elements=width, dtype="act", shard=shard)]
+    if out_saved:
+        parts.append(Component(name=f"{prefix}_out", elements=width, dtype="act", shard=shard))
+    return parts
+
+
+def layer_components(s: ModelShape, *, recompute: str, precision: str) -> list[Component]:
+    """Saved tensors of one decoder layer per token under a recompute mode."""
+    h, d = s.hidden, s.head_dim
+    q, kv = s.heads * d, s.kv_heads * d
+    if recompute == "full":
+        return [Component(name="layer_input", elements=h, dtype="act", shard="sp")]
+    comps = [
+        *_norm("attn_norm", h, "sp", out_saved=True),
+        # q/k RMSNorm over head_dim: fp32 input copy, rstd per head, normalized.
+        Component(name="q_norm_in", elements=q, dtype="fp32", shard="tp"),
+        Component(name="q_norm_rstd", elements=s.heads, dtype="fp32", shard="tp"),
+        Component(name="q_norm_normalized", elements=q, dtype="act", shard="tp"),
+        # Fused QKV output: k-norm's input is a view of it in fp32, v is always a view.
+        Component(name="qkv_out", elements=q + 2 * kv, dtype="act", shard="tp"),
+        Component(name="k_norm_in", elements=kv if precision != "fp32" else 0, dtype="fp32",
+                  shard="tp"),
+        Component(name="k_norm_rstd", elements=s.kv_heads, dtype="fp32", shard="tp"),
+        Component(name="k_norm_normalized", elements=kv, dtype="act", shard="tp"),
+    ]
+    if recompute == "selective":  # core_attn checkpoint keeps its inputs: the q/k norm outputs
+        comps.append(Component(name="core_attn_inputs", elements=q + kv, dtype="act", shard="tp"))
+    else:
+        comps += [
+            Component(name="core_qk_rotated", elements=q + kv, dtype="act", shard="tp"),
+            Component(name="core_out", elements=q, dtype="act", shard="tp"),
+            Component(name="core_lse", elements=s.heads, dtype="fp32", shard="tp"),
+        ]
+    comps += [
+        Component(name="proj_in", elements=q, dtype="act", shard="tp"),
+        *_norm("mlp_norm", h, "sp", out_saved=True),
+        Component(name="fc1_out", elements=2 * s.ffn, dtype="act", shard="tp"),
+        Component(name="fc2_in", elements=s.ffn, dtype="act", shard="tp"),
+    ]
+    return comps
+
+
+def head_components(s: ModelShape) -> list[Component]:
+    """Last stage, once per micro-batch: final norm and the fp32 cross-entropy softmax."""
+    return [*_norm("final_norm", s.hidden, "sp", out_saved=True),
+            Component(name="logits_fp32", elements=s.padded_vocab, dtype="fp32", shard="tp")]
+
+
+def stage_components(s: ModelShape) -> list[Component]:
+    """Every stage: the rotary cos/sin tables; the first stage also its token ids."""
+    return [Component(name="rope_tables", elements=s.head_dim, dtype="fp32", shard="none")]
+
+
+_BYTES = {"act": None, "fp32": 4, "int64": 8}
+
+
+def component_bytes(c: Component, layout: Layout, *, tokens: float, precision: str) -> float:
+    """Bytes of one component for `tokens` tokens of one micro-batch (before CP division)."""
+    size = _BYTES[c.dtype] or (4 if precision == "fp32" else 2)
+    div = layout.cp
+    if c.shard == "tp" or (c.shard == "sp" and layout.sequence_parallel):
+        div *= layout.tp
+    return CALIBRATION.get(c.name, 1.0) * c.elements * size * tokens / div
+
+
+def _sum(comps: list[Component], layout: Layout, *, tokens: float, precision: str) -> float:
+    return sum(component_bytes(c, layout, tokens=tokens, precision=precision) for c in comps)
+
+
+@dataclass(kw_only=True)
+class MemoryBreakdown:
+    """Bytes per rank on the heaviest pipeline stage (`stage`)."""
+
+    stage: str  # "only" (PP = 1) | "first" | "last"
+    params: float  # model weights in the run's precision
+    main_params: float  # fp32 master copy (16-bit runs), sharded over DP·CP (ZeRO-1)
+    grads: float  # fp32 gradient buffers (grad_reduce_in_fp32), not sharded
+    optimizer: float  # Adam m and v (fp32), sharded over DP·CP
+    activations: float  # saved for backward, all in-flight micro-batches
+    logits: float  # fp32 cross-entropy softmax of one micro-batch (last stage)
+    transient: float  # briefly alive: 16-bit logits, full-recompute layer, CP buffers
+
+    @property
+    def weights_and_optimizer(self) -> float:
+        return self.params + self.main_params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.weights_and_optimizer + self.activations + self.logits + self.transient
+
+    def to_dict(self, unit: float = GIB) -> dict:
+        out = {k: (v / unit if isinstance(v, float | int) else v) for k, v in asdict(self).items()}
+        out["total"] = self.total / unit
+        return out
+
+
+def in_flight_microbatches(layout: Layout, num_microbatches: int) -> float:
+    """Micro-batches whose activations the first stage holds at the peak (1F1B)."""
+    if layout.pp == 1:
+        return 1.0
+    held = float(min(layout.pp, num_microbatches))
+    if layout.vpp > 1:
+        held *= 1.0 + (layout.pp - 1) / (layout.pp * layout.vpp)
+    return held
+
+
+def stage_params(s: ModelShape, layout: Layout, stage: str) -> float:
+    """Parameter elements on one rank of a stage (TP-sharded matrices, replicated norms)."""
+    layers = s.layers / layout.pp
+    n = layers * (s.layer / layout.tp + s.layer_norms)
+    if stage in ("only", "first"):
+        n += s.embedding / layout.tp
+    if stage in ("only", "last"):
+        n += s.final_norm
+        if not (s.tied and stage == "only"):
+            n += s.output / layout.tp
+    return n
+
+
+def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: str = "bf16",
+                   num_microbatches: int = 1, stage: str | None = None) -> MemoryBreakdown:
+    """Predicted memory per rank of `stage` ("only" | "first" | "last"; None = the heaviest).
+
+    `layout.micro_batch` sequences of `seq` tokens per micro-batch; ZeRO-1 over DP·CP.
+    """
+    if stage is None:
+        if layout.pp == 1:
+            return predict_memory(shape, layout, seq=seq, precision=precision,
+                                  num_microbatches=num_microbatches, stage="only")
+        first, last = (predict_memory(shape, layout, seq=seq, precision=precision,
+                                      num_microbatches=num_microbatches, stage=x)
+                       for x in ("first", "last"))
+        return first if first.total >= last.total else last
+    act = 4 if precision == "fp32" else 2
+    n = stage_params(shape, layout, stage)
+    shards = layout.dp * layout.cp
+    tokens = float(layout.micro_batch * seq)
+    layers = shape.layers / layout.pp
+    per_mb = layers * _sum(layer_components(shape, recompute=layout.recompute,
+                                            precision=precision),
+                           layout, tokens=tokens, precision=precision)
+    per_mb += _sum(stage_components(shape), layout, tokens=tokens, precision=precision)
+    held = in_flight_microbatches(layout, num_microbatches) if stage == "first" else 1.0
+    logits = transient = 0.0
+    if stage in ("only", "last"):
+        head = head_components(shape)
+        per_mb_head = _sum(head[:-1], layout, tokens=tokens, precision=precision)
+        per_mb += per_mb_head
+        logits = _sum(head[-1:], layout, tokens=tokens, precision=precision)
+        if precision != "fp32":  # the 16-bit logits beside their fp32 copy
+            transient += logits * act / 4
+    if layout.recompute == "full":  # one layer re-materialized in the backward pass
+        transient += _sum(layer_components(shape, recompute="none", precision=precision),
+                          layout, tokens=tokens, precision=precision)
+    if layout.cp > 1:  # ring: K/V receive + send buffers; a2a: the exchanged q/k/v/out
+        kv = 2 * shape.kv_heads * shape.head_dim
+        width = 2 * kv if layout.cp_comm == "p2p" else 2 * shape.heads * shape.head_dim + kv
+        transient += width * act * tokens / (layout.cp * layout.tp)
+    return MemoryBreakdown(
+        stage=stage,
+        params=n * act,
+        main_params=(n * 4 / shards) if precision != "fp32" else 0.0,
+        grads=n * 4,
+        optimizer=n * 8 / shards,
+        activations=per_mb * held,
+        logits=logits,
+        transient=transient,
+    )
+
+
+def predicted_activation_bytes(shape: ModelShape, *, seq: int, micro_batch: int,
+                               precision: str = "fp32", recompute: str = "none") -> float:
+    """Saved-for-backward bytes of one forward + loss on a single process (no parallelism):
+    what `measure.measure_activation_bytes` measures."""
+    layout = Layout(tp=1, cp=1, pp=1, dp=1, sequence_parallel=False, recompute=recompute,
+                    micro_batch=micro_batch)
+    m = predict_memory(shape, layout, seq=seq, precision=precision, stage="only")
+    ids = micro_batch * seq * 8  # the embedding lookup keeps its int64 token ids
+    return m.activations + m.logits + ids
