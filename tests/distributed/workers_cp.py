@@ -57,14 +57,17 @@ def run_case(case: dict, group) -> dict:
     n, r = dist.get_world_size(group), dist.get_rank(group)
     data = case_inputs(case)
     idx = row_indices(case, n, r)
-    q, k, v = (_local(data[name], idx, 2).requires_grad_() for name in ("q", "k", "v"))
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    q, k, v = (_local(data[name], idx, 2).to(dtype).requires_grad_() for name in ("q", "k", "v"))
     segments = None if data["segments"] is None else _local(data["segments"], idx, 1)
     out = context_parallel_attention(
         q, k, v, causal=case["causal"], scale=case.get("scale", 0.35), positions=idx,
         segments=segments, group=group, comm=case["comm"], a2a_size=case.get("a2a_size", 1),
     )
-    out.backward(_local(data["grad"], idx, 2))
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "idx": idx}
+    assert out.dtype == dtype and out.shape == q.shape
+    out.backward(_local(data["grad"], idx, 2).to(dtype))
+    return {key: t.float() for key, t in
+            {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}.items()}
 
 
 def cp_attention_worker(cases: dict) -> dict:

@@ -35,7 +35,7 @@ from megatron_keye.ops.attention.local_kernels import (
 from megatron_keye.ops.attention.zigzag import zigzag_indices
 
 COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
-_KV_TAG, _META_TAG, _GRAD_TAG = 0, 2, 4
+_KV_TAG, _GRAD_TAG = 0, 4  # K/V and meta use tags 0 and 1
 
 
 def context_parallel_attention(
@@ -110,12 +110,14 @@ def block_plan(q_pos, k_pos, q_seg, k_seg, *, causal: bool, cp_size: int, q_rank
 
     kind is "full" (flash, unmasked), "causal" (flash, aligned causal) or "masked" (explicit
     mask); an empty list means no query sees any key of the block. Flash is chosen only where
-    it is exact: no segments, and either non-causal or both sides in the unpacked zig-zag layout.
+    it is exact: CPU tensors, no segments, and either non-causal or both sides in the unpacked
+    zig-zag layout.
     """
     everything = slice(None)
-    if q_seg is None and not causal:
+    flash = q_seg is None and q_pos.device.type == "cpu"  # the flash block kernel is torch's CPU one
+    if flash and not causal:
         return [(everything, everything, "full", None)]
-    if q_seg is None:
+    if flash:
         if zigzag_q is None:
             zigzag_q = _is_zigzag(q_pos, cp_size, q_rank)
         if zigzag_q and _is_zigzag(k_pos, cp_size, k_rank):
