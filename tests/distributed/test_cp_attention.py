@@ -46,6 +46,15 @@ def cases_for(cp: int) -> dict:
         cases[f"{tag}-causal-packed-perturbed"] = dict(cases[f"{tag}-causal-packed"],
                                                        perturb=True)
     cases["p2p-noncausal-packed"] = _case("p2p", cp=cp, causal=False, packed=True, seed=50)
+    # Another layout (contiguous shards): the ring's masked block kernel instead of flash.
+    for comm, a2a in comms:
+        if comm == "a2a+p2p" and cp == 2:
+            continue
+        for packed in (False, True):
+            kind = "packed" if packed else "unpacked"
+            cases[f"{comm}-causal-{kind}-contiguous"] = _case(
+                comm, cp=cp, packed=packed, a2a_size=a2a, seed=80 + len(cases),
+                layout="contiguous")
     if cp == 2:  # half precision runs through the same kernels (fp32 merge and accumulators)
         for comm in ("p2p", "a2a", "allgather"):
             for packed in (False, True):
@@ -146,27 +155,38 @@ def test_bad_transport_settings_are_refused_naming_the_fields(cp):
     assert "parallel.cp_comm" in errors["bogus"]
 
 
-def test_block_plan_uses_flash_only_for_unpacked_causal_zigzag():
+def test_block_plan_takes_flash_only_for_zigzag_layouts():
     from megatron_keye.ops.attention.context_parallel import block_plan
-    from megatron_keye.ops.attention.zigzag import zigzag_indices
+    from megatron_keye.ops.attention.zigzag import packed_zigzag_indices, zigzag_indices
 
     cp, s = 4, 32
     pos = [zigzag_indices(s, cp, r).expand(2, -1) for r in range(cp)]
-    kinds = {(qr, kr): [p[2] for p in block_plan(pos[qr], pos[kr], None, None, causal=True,
+    kinds = {(qr, kr): [p[3] for p in block_plan(pos[qr], pos[kr], None, None, causal=True,
                                                  cp_size=cp, q_rank=qr, k_rank=kr)]
              for qr in range(cp) for kr in range(cp)}
     assert kinds[(1, 1)] == ["causal"] and kinds[(2, 0)] == ["full"]
     assert kinds[(0, 3)] == ["full"]
     # equal work per block off the diagonal: half the queries or half the keys
     plan = block_plan(pos[2], pos[0], None, None, causal=True, cp_size=cp, q_rank=2, k_rank=0)
-    assert plan[0][1] == slice(0, s // cp // 2)
+    assert plan[0][1:3] == (slice(0, s // cp), slice(0, s // cp // 2))
+    plan = block_plan(pos[0], pos[2], None, None, causal=True, cp_size=cp, q_rank=0, k_rank=2)
+    assert plan[0][1:3] == (slice(s // cp // 2, s // cp), slice(0, s // cp))
+    # packed rows: the same schedule sample by sample (both rows hold samples of 8 and 24)
+    lengths = [8, 24]
+    ppos = [packed_zigzag_indices(lengths, cp, r).expand(2, -1) for r in range(cp)]
+    pseg = torch.repeat_interleave(torch.arange(2), torch.tensor([2, 6])).expand(2, -1)
+    plan = block_plan(ppos[0], ppos[2], pseg, pseg, causal=True, cp_size=cp, q_rank=0, k_rank=2)
+    assert [(p[1], p[2], p[3]) for p in plan] == [
+        (slice(1, 2), slice(0, 2), "full"), (slice(5, 8), slice(2, 8), "full")]
+    # another layout (contiguous shards) falls back to the masked kernel
+    contiguous = torch.arange(8).expand(2, -1)
+    plan = block_plan(contiguous, contiguous, None, None, causal=True, cp_size=cp, q_rank=0,
+                      k_rank=0)
+    assert [p[3] for p in plan] == ["masked"]
     # a2a+p2p (a2a over ranks {0, 1} and {2, 3}): sorted by position, an a2a group's tokens are
     # the zig-zag layout of the 2-rank ring, so the ring across groups takes the flash schedule.
     inner = torch.cat([pos[0], pos[1]], dim=1).sort(dim=1).values
     assert torch.equal(inner, zigzag_indices(s, 2, 0).expand(2, -1))
-    seg = torch.zeros(2, s // cp, dtype=torch.long)
-    masked = block_plan(pos[2], pos[0], seg, seg, causal=True, cp_size=cp, q_rank=2, k_rank=0)
-    assert [p[2] for p in masked] == ["masked"]
 
 
 def test_block_kernels_match_sdpa_and_survive_fully_masked_rows():

@@ -41,6 +41,9 @@ def row_indices(case: dict, cp_size: int, cp_rank: int) -> torch.Tensor:
     """[b, s_local] positions this CP rank holds (zig-zag per sample for packed rows)."""
     from megatron_keye.ops.attention.zigzag import packed_zigzag_indices
 
+    if case.get("layout") == "contiguous":  # not zig-zag: rank r holds the r-th 1/CP of each row
+        s_local = case["seq"] // cp_size
+        return torch.arange(cp_rank * s_local, (cp_rank + 1) * s_local).expand(len(case["rows"]), -1)
     return torch.stack([
         packed_zigzag_indices(lengths if case["packed"] else [case["seq"]], cp_size, cp_rank)
         for lengths in case["rows"]

@@ -9,11 +9,12 @@ sample id, and returns this rank's output of full-row attention: token i attends
   to all keys; backward reduce-scatters dK/dV.
 - `p2p` (ring): K/V travel round the ring by batched isend/irecv, overlapped with the current
   block; per-block outputs are merged by their log-sum-exp. The backward is a ring too, dK/dV
-  accumulators travelling with K/V, each block fed the merged output/log-sum-exp. No rank forms
-  more than one block's scores. Unpacked causal zig-zag rows use the balanced schedule on torch's
-  CPU flash kernel (own chunks causal; an earlier rank's first chunk seen by all local queries;
-  a later rank's keys seen by the local second chunk only); anything else (packed rows, other
-  layouts) uses the masked block kernel built from positions/segments.
+  accumulators travelling with K/V, each block fed the merged output/log-sum-exp. Rows in the
+  zig-zag layout (per sample for packed rows) use the balanced schedule on torch's CPU flash
+  kernel, sample by sample (own chunks causal; an earlier rank's first chunk seen by all local
+  queries; a later rank's keys seen by the local second chunk only): no score matrix at all.
+  Anything else (other layouts, non-CPU tensors) uses the masked block kernel built from
+  positions/segments, which forms one block's scores (s_local x s_local) at a time.
 - `a2a` (Ulysses): all-to-all from sequence-sharded to head-sharded full rows, local attention,
   all-to-all back. Needs the K/V heads divisible by CP.
 - `a2a+p2p`: `a2a` inside groups of `a2a_size` consecutive CP ranks, ring across those groups.
@@ -32,7 +33,7 @@ from megatron_keye.ops.attention.local_kernels import (
     masked_block_forward,
     merge_partial,
 )
-from megatron_keye.ops.attention.zigzag import zigzag_indices
+from megatron_keye.ops.attention.zigzag import packed_zigzag_indices, zigzag_indices
 
 COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
 _KV_TAG, _GRAD_TAG = 0, 4  # K/V and meta use tags 0 and 1
@@ -104,34 +105,84 @@ def _is_zigzag(pos: torch.Tensor, cp_size: int, cp_rank: int) -> bool:
     return bool((pos == expected).all())
 
 
+def zigzag_layout(pos: torch.Tensor, seg: torch.Tensor | None, cp_size: int, cp_rank: int):
+    """The per-sample zig-zag layout these local tokens are in, or None if they are not.
+
+    Returns, per row, the local lengths of its samples (each sample's two chunks back to back;
+    one sample per row when `seg` is None), when every row holds exactly rank `cp_rank`'s chunks
+    of samples laid back to back from the row start (`packed_zigzag_indices`).
+    """
+    b, s_local = pos.shape
+    if seg is None:
+        return [(s_local,)] * b if _is_zigzag(pos, cp_size, cp_rank) else None
+    starts = torch.ones(b, s_local, dtype=torch.bool, device=seg.device)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    layout = []
+    for row in range(b):
+        first = torch.nonzero(starts[row]).flatten().tolist() + [s_local]
+        lengths = [e - s for s, e in zip(first[:-1], first[1:], strict=True)]
+        if any(n % 2 for n in lengths):
+            return None
+        expected = packed_zigzag_indices([n * cp_size for n in lengths], cp_size, cp_rank,
+                                         device=pos.device)
+        if not bool((pos[row] == expected).all()):
+            return None
+        layout.append(tuple(lengths))
+    return layout
+
+
+def _row_groups(layout):
+    """(row slice, sample lengths) runs of consecutive rows sharing a layout."""
+    groups, start = [], 0
+    for row in range(1, len(layout) + 1):
+        if row == len(layout) or layout[row] != layout[start]:
+            groups.append((slice(start, row), layout[start]))
+            start = row
+    return groups
+
+
 def block_plan(q_pos, k_pos, q_seg, k_seg, *, causal: bool, cp_size: int, q_rank: int,
-               k_rank: int, zigzag_q: bool | None = None):
-    """How this rank's queries meet one rank's K/V block: a list of (q slice, k slice, kind, mask).
+               k_rank: int, q_layout=False):
+    """How this rank's queries meet one rank's K/V block: a list of
+    (row slice, q slice, k slice, kind, mask).
 
     kind is "full" (flash, unmasked), "causal" (flash, aligned causal) or "masked" (explicit
-    mask); an empty list means no query sees any key of the block. Flash is chosen only where
-    it is exact: CPU tensors, no segments, and either non-causal or both sides in the unpacked
-    zig-zag layout.
+    mask over all rows); an empty list means no query sees any key of the block. Flash is chosen
+    only where it is exact: CPU tensors, and both sides in the (per-sample, for packed rows)
+    zig-zag layout, so each sample meets the same sample's chunks by the balanced schedule: own
+    chunks causal; an earlier rank's first chunk seen by all the sample's queries (its second
+    chunk follows both of ours); a later rank's chunks (both between our two) seen by the
+    sample's second-chunk queries only. `q_layout` = `zigzag_layout` of the queries if known.
     """
     everything = slice(None)
-    flash = q_seg is None and q_pos.device.type == "cpu"  # the flash block kernel is torch's CPU one
-    if flash and not causal:
-        return [(everything, everything, "full", None)]
-    if flash:
-        if zigzag_q is None:
-            zigzag_q = _is_zigzag(q_pos, cp_size, q_rank)
-        if zigzag_q and _is_zigzag(k_pos, cp_size, k_rank):
-            half = q_pos.size(1) // 2
-            if k_rank == q_rank:
-                return [(everything, everything, "causal", None)]
-            if k_rank < q_rank:  # its first chunk precedes both of ours, its second follows both
-                return [(everything, slice(0, half), "full", None)]
-            # its chunks both lie between our first and our second chunk
-            return [(slice(half, None), everything, "full", None)]
+    if q_pos.device.type == "cpu":  # the flash block kernel is torch's CPU one
+        if q_seg is None and not causal:
+            return [(everything, everything, everything, "full", None)]
+        if q_layout is False:
+            q_layout = zigzag_layout(q_pos, q_seg, cp_size, q_rank)
+        if q_layout is not None and zigzag_layout(k_pos, k_seg, cp_size, k_rank) == q_layout:
+            plan = []
+            for rows, lengths in _row_groups(q_layout):
+                offset = 0
+                for length in lengths:
+                    sample, half = slice(offset, offset + length), offset + length // 2
+                    if not causal:
+                        plan.append((rows, sample, sample, "full", None))
+                    elif k_rank == q_rank:
+                        plan.append((rows, sample, sample, "causal", None))
+                    elif k_rank < q_rank:
+                        plan.append((rows, sample, slice(offset, half), "full", None))
+                    else:
+                        plan.append((rows, slice(half, offset + length), sample, "full", None))
+                    offset += length
+            return plan
     mask = allowed_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
+    if mask is None:
+        return [(everything, everything, everything, "masked",
+                 torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q_pos.device))]
     if not bool(mask.any()):
         return []
-    return [(everything, everything, "masked", mask)]
+    return [(everything, everything, everything, "masked", mask)]
 
 
 # ----------------------------------------------------------------------------- ring (p2p)
@@ -166,7 +217,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, positions, segments, causal, scale, group):
         size, rank, send_to, recv_from = _ring_peers(group)
         seg_q = None if segments is None else segments.long()
-        zigzag_q = segments is None and causal and _is_zigzag(positions, size, rank)
+        layout = zigzag_layout(positions, seg_q, size, rank) if q.device.type == "cpu" else None
         b, h, sq, d = q.shape
         out = torch.zeros(b, h, sq, d, dtype=torch.float32, device=q.device)
         lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -178,20 +229,21 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % size
             plan = block_plan(positions, meta[0], seg_q, meta[1] if seg_q is not None else None,
                               causal=causal, cp_size=size, q_rank=rank, k_rank=src,
-                              zigzag_q=zigzag_q)
-            for qs, ks, kind, mask in plan:
-                qq, kk, vv = q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks]
+                              q_layout=layout)
+            for rs, qs, ks, kind, mask in plan:
+                qq, kk, vv = q[rs, :, qs], kv[0][rs, :, ks], kv[1][rs, :, ks]
                 if kind == "masked":
                     o, l_ = masked_block_forward(qq, kk, vv, mask, scale=scale)
                 else:
                     o, l_ = flash_block_forward(qq.contiguous(), kk.contiguous(), vv.contiguous(),
                                                 causal=kind == "causal", scale=scale)
-                out[:, :, qs], lse[:, :, qs] = merge_partial(out[:, :, qs], lse[:, :, qs], o, l_)
+                out[rs, :, qs], lse[rs, :, qs] = merge_partial(out[rs, :, qs], lse[rs, :, qs],
+                                                               o, l_)
             if step + 1 < size:
                 _wait(requests)
                 kv, meta = next_kv, next_meta
         ctx.save_for_backward(q, k, v, positions, segments, out, lse)
-        ctx.causal, ctx.scale, ctx.group, ctx.zigzag_q = causal, scale, group, zigzag_q
+        ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
         return out.to(q.dtype)
 
     @staticmethod
@@ -213,22 +265,22 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % size
             plan = block_plan(positions, meta[0], seg_q, meta[1] if seg_q is not None else None,
                               causal=causal, cp_size=size, q_rank=rank, k_rank=src,
-                              zigzag_q=ctx.zigzag_q)
+                              q_layout=ctx.layout)
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-            for qs, ks, kind, mask in plan:
-                qq, kk, vv = q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks]
+            for rs, qs, ks, kind, mask in plan:
+                qq, kk, vv = q[rs, :, qs], kv[0][rs, :, ks], kv[1][rs, :, ks]
                 if kind == "masked":
                     dqi, dki, dvi = masked_block_backward(
-                        grad_out[:, :, qs], qq, kk, vv, out[:, :, qs], lse[:, :, qs], mask,
-                        scale=scale, delta=delta[:, :, qs])
+                        grad_out[rs, :, qs], qq, kk, vv, out[rs, :, qs], lse[rs, :, qs], mask,
+                        scale=scale, delta=delta[rs, :, qs])
                 else:
                     dqi, dki, dvi = flash_block_backward(
-                        grad_out[:, :, qs].contiguous(), qq.contiguous(), kk.contiguous(),
-                        vv.contiguous(), out_q[:, :, qs].contiguous(),
-                        lse[:, :, qs].contiguous(), causal=kind == "causal", scale=scale)
-                dq[:, :, qs] += dqi
-                dkv[0][:, :, ks] += dki
-                dkv[1][:, :, ks] += dvi
+                        grad_out[rs, :, qs].contiguous(), qq.contiguous(), kk.contiguous(),
+                        vv.contiguous(), out_q[rs, :, qs].contiguous(),
+                        lse[rs, :, qs].contiguous(), causal=kind == "causal", scale=scale)
+                dq[rs, :, qs] += dqi
+                dkv[0][rs, :, ks] += dki
+                dkv[1][rs, :, ks] += dvi
             if grad_requests is not None:  # the accumulator of this block, from the previous rank
                 _wait(grad_requests)
                 dkv += grad_recv[0]
