@@ -63,8 +63,10 @@ def run_case(case: dict, group) -> dict:
     dtype = getattr(torch, case.get("dtype", "float32"))
     q, k, v = (_local(data[name], idx, 2).to(dtype).requires_grad_() for name in ("q", "k", "v"))
     segments = None if data["segments"] is None else _local(data["segments"], idx, 1)
+    # CoreAttention hands over [s, b, h, d] tensors permuted to [b, h, s, d] (not contiguous).
+    q_in, k_in, v_in = (t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for t in (q, k, v))
     out = context_parallel_attention(
-        q, k, v, causal=case["causal"], scale=case.get("scale", 0.35), positions=idx,
+        q_in, k_in, v_in, causal=case["causal"], scale=case.get("scale", 0.35), positions=idx,
         segments=segments, group=group, comm=case["comm"], a2a_size=case.get("a2a_size", 1),
     )
     assert out.dtype == dtype and out.shape == q.shape
