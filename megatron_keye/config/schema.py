@@ -33,6 +33,9 @@ class ModelConfig:
     max_position_embeddings: int = 40960  # longest position the model expects
     init_std: float = 0.02  # std of the normal weight init (drawn per parameter name)
     attention_backend: Literal["auto", "sdpa", "flash", "te"] = "auto"  # auto: flash-attn on CUDA in 16-bit, else SDPA
+    # Activation recompute (megatron-core's): selective re-runs core attention (ours, context
+    # parallel included) in the backward pass; full re-runs every layer from its input.
+    recompute: Literal["none", "selective", "full"] = "none"
     # The embedding and output layer hold `padded_vocab_size` rows: `vocab_size` rounded up to a
     # multiple of this (as Megatron-LM's make_vocab_size_divisible_by, but independent of the
     # tensor-parallel degree, so checkpoints reshard). The extra logit columns are masked out of

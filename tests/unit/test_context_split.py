@@ -69,3 +69,12 @@ def test_a_sample_that_cannot_be_balanced_is_named():
     b = batch(packed=[[0] * 6 + [1] * 10, [0] * 16])
     with pytest.raises(ValueError, match=r"batch row 0: a sample of 6 tokens .* multiple of 4"):
         split_for_context_parallel(b, cp_size=2, cp_rank=0)
+
+
+def test_packed_position_ids_restart_per_sample():
+    from megatron_keye.models.keye_vl.rope import packed_text_position_ids
+
+    ids = packed_text_position_ids(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [5] * 6 + [6] * 2]))
+    assert ids.shape == (3, 2, 8)
+    assert ids[0].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])

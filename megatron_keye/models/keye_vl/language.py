@@ -92,7 +92,18 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         deallocate_pipeline_outputs=True,
+        **_recompute_fields(model.recompute),
     )
+
+
+def _recompute_fields(recompute: str) -> dict:
+    """megatron-core's activation-recompute settings for `model.recompute`."""
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    return {}
 
 
 class Qwen3LanguageModel(LanguageModule):

@@ -44,3 +44,17 @@ def text_position_ids(batch: int, seq: int, *, device=None) -> torch.Tensor:
     """Equal t/h/w ids 0..seq-1 for a text-only batch: [3, batch, seq]."""
     ids = torch.arange(seq, device=device)
     return ids.view(1, 1, seq).expand(3, batch, seq).contiguous()
+
+
+def packed_text_position_ids(sample_ids: torch.Tensor) -> torch.Tensor:
+    """[3, b, s] text position ids that restart at 0 with every sample of a packed row.
+
+    `sample_ids` [b, s] holds one id per token; a sample is a run of equal ids.
+    """
+    rows, seq = sample_ids.shape
+    index = torch.arange(seq, device=sample_ids.device).expand(rows, seq)
+    starts = torch.ones_like(sample_ids, dtype=torch.bool)
+    starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    ids = index - first
+    return ids.unsqueeze(0).expand(3, rows, seq).contiguous()
