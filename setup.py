@@ -41,7 +41,7 @@ setup(
     description="Megatron-style distributed training for Keye-VL-1.5-style video multimodal LLMs",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_keye", "megatron_keye.*"]),
-    package_data={"megatron_keye": ["recipes/*.yaml", "data/assets/**/*"]},
+    package_data={"megatron_keye": ["recipes/*.yaml", "data/text/assets/**/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -60,7 +60,7 @@ def run(*, output: str = "outputs/demo", steps: int = 300, switch_at: int = 150,
 
     print("\n== export to Hugging Face format", flush=True)
     from megatron_keye.convert import export_hf
-    from megatron_keye.data.tokenizer import DEFAULT_TOKENIZER_DIR
+    from megatron_keye.data.text.tokenizer import DEFAULT_TOKENIZER_DIR
 
     hf_dir = export_hf(str(out / "checkpoints"), str(out / "hf"),
                        tokenizer_dir=str(DEFAULT_TOKENIZER_DIR))

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_keye.data.slowfast import SLOW, classify_slow_fast
-from megatron_keye.data.synthetic_media import benchmark_scenes, write_video
-from megatron_keye.data.video import decode_video
-from megatron_keye.data.video_budget import solve_video_budget
-from megatron_keye.data.video_config import VideoConfig
-from megatron_keye.data.video_pipeline import load_video
+from megatron_keye.data.media.slowfast import SLOW, classify_slow_fast
+from megatron_keye.data.media.synthetic_media import benchmark_scenes, write_video
+from megatron_keye.data.media.video import decode_video
+from megatron_keye.data.media.video_budget import solve_video_budget
+from megatron_keye.data.media.video_config import VideoConfig
+from megatron_keye.data.media.video_pipeline import load_video
 from megatron_keye.testing.keye_reference import INSTALL_HINT, import_vision_process
 
 

@@ -1,4 +1,4 @@
-"""Build the tiny tokenizer shipped in megatron_keye/data/assets/tiny_tokenizer.
+"""Build the tiny tokenizer shipped in megatron_keye/data/text/assets/tiny_tokenizer.
 
     python tools/build_tokenizer.py [--out DIR] [--vocab-size N] [--documents N] [--seed N]
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_keye.data.tokenizer import DEFAULT_TOKENIZER_DIR, KeyeTokenizer
-from megatron_keye.data.tokenizer_build import (
+from megatron_keye.data.text.tokenizer import DEFAULT_TOKENIZER_DIR, KeyeTokenizer
+from megatron_keye.data.text.tokenizer_build import (
     TINY_VOCAB_SIZE,
     save_tokenizer_dir,
     train_tokenizer,

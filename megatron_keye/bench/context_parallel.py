@@ -153,7 +153,7 @@ def bench_worker(*, flavor: str, seq: int, recompute: str, cp_comm: str, repeats
     config = _config(flavor=flavor, seq=seq, cp=cp, recompute=recompute, cp_comm=cp_comm)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.model.vocab_size, (1, seq), generator=g)
-    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(1, seq),
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_weights": torch.ones(1, seq),
              "position_ids": text_position_ids(1, seq)}
 
     class OneRow:

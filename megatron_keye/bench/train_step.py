@@ -38,7 +38,7 @@ def ours_step_fn(config, tokens, labels):
         def next_step(self):
             b, s = tokens.shape
             return [{"tokens": tokens, "labels": labels,
-                     "loss_mask": torch.ones(b, s), "position_ids": text_position_ids(b, s)}]
+                     "loss_weights": torch.ones(b, s), "position_ids": text_position_ids(b, s)}]
 
         def state_dict(self):
             return {}

@@ -211,7 +211,7 @@ def check_tokenizer_fits(config: TrainConfig, tokenizer=None) -> None:
     (masked) embedding row or crash inside the embedding lookup.
     """
     if tokenizer is None:
-        from megatron_keye.data.tokenizer import KeyeTokenizer
+        from megatron_keye.data.text.tokenizer import KeyeTokenizer
 
         source = config.data.tokenizer
         tokenizer = KeyeTokenizer.from_dir(source) if source else KeyeTokenizer.default()

@@ -1,7 +1,7 @@
 """Cutting a micro-batch into this context-parallel rank's zig-zag share.
 
 The model step calls `split_for_context_parallel` on every micro-batch when CP > 1: every
-per-token field ([b, s]: tokens, labels, loss_mask, sample_ids; [3, b, s]: position_ids) keeps
+per-token field ([b, s]: tokens, labels, loss_weights, sample_ids; [3, b, s]: position_ids) keeps
 this rank's tokens in zig-zag order, and `positions` [b, s/CP] records where each of them sits in
 its full row, which is what causal masks compare. Labels were shifted on the full row by the
 producer, so a split never separates a token from its target. Packed rows (`sample_ids`) are cut
@@ -15,12 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
+from megatron_keye.data.batch import POSITION_FIELDS, TOKEN_FIELDS
 from megatron_keye.ops.attention.zigzag import packed_zigzag_indices, zigzag_indices
-
-# Fields indexed [b, s] and [3, b, s]; everything else (vision inputs, head extras that are per
-# sample) passes through unchanged.
-TOKEN_FIELDS = ("tokens", "labels", "loss_mask", "loss_weights", "sample_ids")
-POSITION_FIELDS = ("position_ids",)
 
 
 def row_positions(batch: Mapping[str, torch.Tensor], *, cp_size: int, cp_rank: int) -> torch.Tensor:

@@ -173,7 +173,7 @@ class Trainer:
 
     def _build_loader(self):
         from megatron_keye.config.validation import check_tokenizer_fits
-        from megatron_keye.data.text_dataset import TextBatchLoader, build_text_dataset
+        from megatron_keye.data.text.text_dataset import TextBatchLoader, build_text_dataset
 
         cfg = self.config
         check_tokenizer_fits(cfg)  # token ids must index real (not padded) embedding rows

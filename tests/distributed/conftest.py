@@ -33,7 +33,7 @@ def random_global_batch(config, *, rows: int, seed: int = 1) -> dict:
     return {
         "tokens": torch.randint(0, v, (rows, s), generator=g),
         "labels": torch.randint(0, v, (rows, s), generator=g),
-        "loss_mask": (torch.rand(rows, s, generator=g) < 0.8).float(),
+        "loss_weights": (torch.rand(rows, s, generator=g) < 0.8).float(),
         "position_ids": text_position_ids(rows, s),
     }
 

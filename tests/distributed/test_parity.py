@@ -28,7 +28,7 @@ def hf_loss_and_grads(reference_setup):
     per_token = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), reduction="none"
     )
-    mask = batch["loss_mask"].reshape(-1)
+    mask = batch["loss_weights"].reshape(-1)
     loss = (per_token * mask).sum() / mask.sum()
     loss.backward()
     grads = hf_to_native({n: p.grad for n, p in hf.named_parameters()}, config.model)
@@ -39,10 +39,10 @@ def test_single_process_matches_transformers(reference_setup, single_process_ref
     loss, grads = hf_loss_and_grads(reference_setup)
     ours = single_process_reference
     batch = reference_setup["batch"]
-    assert ours["count"] == batch["loss_mask"].sum().item()
+    assert ours["count"] == batch["loss_weights"].sum().item()
     # Throughput counts every processed token; the loss-token count excludes masked ones.
     assert ours["step_tokens"] == batch["tokens"].numel()
-    assert ours["step_loss_tokens"] == batch["loss_mask"].sum().item() < ours["step_tokens"]
+    assert ours["step_loss_tokens"] == batch["loss_weights"].sum().item() < ours["step_tokens"]
     assert abs(ours["loss"] - loss) / abs(loss) < TOLERANCE
     assert set(ours["grads"]) == set(grads)
     for name, grad in grads.items():

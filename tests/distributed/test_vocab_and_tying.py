@@ -55,14 +55,14 @@ def imported(request, tmp_path_factory):
         # the last ids of the vocabulary (next to the padding) are labels too
         "labels": torch.cat([torch.full((rows, 2), VOCAB - 1),
                              torch.randint(0, VOCAB, (rows, seq - 2), generator=g)], 1),
-        "loss_mask": (torch.rand(rows, seq, generator=g) < 0.8).float(),
+        "loss_weights": (torch.rand(rows, seq, generator=g) < 0.8).float(),
         "position_ids": text_position_ids(rows, seq),
     }
     with torch.no_grad():
         logits = hf(batch["tokens"]).logits
     per_token = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1),
                                 reduction="none")
-    mask = batch["loss_mask"].reshape(-1)
+    mask = batch["loss_weights"].reshape(-1)
     return {"tied": tied, "overrides": overrides, "root": root, "batch": batch,
             "hf_logits": logits, "hf_loss": ((per_token * mask).sum() / mask.sum()).item()}
 
@@ -111,7 +111,7 @@ def test_logits_and_loss_match_transformers(imported, runs, layout):
     # the same weights whichever layout wrote them
     assert torch.equal(ours["logits"], ours["logits_other"])
     assert ours["loss"] == pytest.approx(imported["hf_loss"], rel=TOLERANCE, abs=0)
-    assert ours["count"] == int(imported["batch"]["loss_mask"].sum())
+    assert ours["count"] == int(imported["batch"]["loss_weights"].sum())
 
 
 def test_gradients_and_step_equal_across_layouts(imported, runs):

@@ -15,7 +15,7 @@ def batch(rows=2, seq=16, packed=None):
     out = {
         "tokens": torch.randint(0, 100, (rows, seq), generator=g),
         "labels": torch.randint(0, 100, (rows, seq), generator=g),
-        "loss_mask": (torch.rand(rows, seq, generator=g) < 0.7).float(),
+        "loss_weights": (torch.rand(rows, seq, generator=g) < 0.7).float(),
         "position_ids": text_position_ids(rows, seq),
         "pixel_values": torch.randn(5, 3, 14, 14, generator=g),  # not per token: untouched
     }
@@ -47,7 +47,7 @@ def test_unpacked_split_is_zigzag_and_merges_back(cp):
     # rank 0 of CP=2 holds chunks 0 and 3 of 4: positions 0-3 and 12-15
     if cp == 2:
         assert parts[0]["positions"][0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
-    for field in ("tokens", "labels", "loss_mask", "position_ids"):
+    for field in ("tokens", "labels", "loss_weights", "position_ids"):
         assert torch.equal(merged(parts, field, cp), b[field]), field
 
 
@@ -61,7 +61,7 @@ def test_packed_rows_are_cut_sample_by_sample():
         for row, ids in enumerate(packed):
             for sample in set(ids):
                 assert (part["sample_ids"][row] == sample).sum() * 2 == ids.count(sample)
-    for field in ("tokens", "labels", "loss_mask", "position_ids", "sample_ids"):
+    for field in ("tokens", "labels", "loss_weights", "position_ids", "sample_ids"):
         assert torch.equal(merged(parts, field, 2), b[field]), field
 
 

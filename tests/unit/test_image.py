@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_keye.data.image import (
+from megatron_keye.data.media.image import (
     ImageConfig,
     load_image,
     normalize,
@@ -15,7 +15,7 @@ from megatron_keye.data.image import (
     preprocess_image,
     smart_resize,
 )
-from megatron_keye.data.synthetic_media import image_bytes, synthetic_image
+from megatron_keye.data.media.synthetic_media import image_bytes, synthetic_image
 
 # (height, width, min_pixels, max_pixels) -> (height, width), worked out by hand with factor 28.
 SMART_RESIZE_CASES = [

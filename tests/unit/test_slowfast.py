@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_keye.data.color import rgb_to_hsv
-from megatron_keye.data.image import resize_uint8
-from megatron_keye.data.slowfast import (
+from megatron_keye.data.media.color import rgb_to_hsv
+from megatron_keye.data.media.image import resize_uint8
+from megatron_keye.data.media.slowfast import (
     FAST,
     SLOW,
     classify_slow_fast,
@@ -19,8 +19,8 @@ from megatron_keye.data.slowfast import (
     similarity_size,
     slow_frame_indices,
 )
-from megatron_keye.data.synthetic_media import mosaic
-from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.media.synthetic_media import mosaic
+from megatron_keye.data.media.video_config import VideoConfig
 
 
 def opencv_rgb2hsv_scalar(r: int, g: int, b: int) -> tuple[int, int, int]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_keye.data.text_dataset import TextBatchLoader, TokenSequenceDataset, make_text_batch
+from megatron_keye.data.text.text_dataset import (
+    TextBatchLoader,
+    TokenSequenceDataset,
+    make_text_batch,
+)
 
 
 def dataset(n_tokens=1000, seq=16, shuffle=True):

@@ -8,16 +8,20 @@ import math
 
 import pytest
 
-from megatron_keye.data.synthetic_text import generate_documents
-from megatron_keye.data.templates import CHAT_TEMPLATE, render_chat
-from megatron_keye.data.tokenizer import (
+from megatron_keye.data.text.synthetic_text import generate_documents
+from megatron_keye.data.text.templates import CHAT_TEMPLATE, render_chat
+from megatron_keye.data.text.tokenizer import (
     DEFAULT_TOKENIZER_DIR,
     OPTIONAL_SPECIAL_TOKENS,
     REQUIRED_SPECIAL_TOKENS,
     KeyeTokenizer,
     MissingSpecialTokenError,
 )
-from megatron_keye.data.tokenizer_build import save_tokenizer_dir, train_tokenizer, training_corpus
+from megatron_keye.data.text.tokenizer_build import (
+    save_tokenizer_dir,
+    train_tokenizer,
+    training_corpus,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_keye.data.video_budget import search_slow_token_limit, solve_video_budget
-from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.media.video_budget import search_slow_token_limit, solve_video_budget
+from megatron_keye.data.media.video_config import VideoConfig
 
 # (num_slow, num_fast, height, width) -> (slow h, slow w, fast h, fast w, token limit)
 RELEASED_CASES = [

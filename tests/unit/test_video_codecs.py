@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_keye.data import video_backends
-from megatron_keye.data.synthetic_media import (
+from megatron_keye.data.media import video_backends
+from megatron_keye.data.media.synthetic_media import (
     codec_matrix,
     phone_vfr_times,
     read_stamp,
     stamped_frame,
     write_stamped_clip,
 )
-from megatron_keye.data.video import VideoDecodeError, decode_video
-from megatron_keye.data.video_backends import StreamInfo, choose_backend
-from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.media.video import VideoDecodeError, decode_video
+from megatron_keye.data.media.video_backends import StreamInfo, choose_backend
+from megatron_keye.data.media.video_config import VideoConfig
 
 decord = pytest.importorskip("decord", reason="decord (extra `video`) is the pixel reference")
 
@@ -317,7 +317,7 @@ def test_damaged_clip_in_another_codec_fails_quietly(clips, capfd):
     "name", ["h264_bframes", "h264_vfr", "hevc_10bit_closed_gop", "vp9_odd", "mjpeg", "mpeg4_odd"]
 )
 def test_load_video_equals_fetch_video(clips, name):
-    from megatron_keye.data.video_pipeline import load_video
+    from megatron_keye.data.media.video_pipeline import load_video
     from tests.unit.test_video_oracle import keye_vision_process
 
     vision_process = keye_vision_process()

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_keye.data import video_backends
-from megatron_keye.data.synthetic_media import Scene, scene_frame, write_empty_video, write_video
-from megatron_keye.data.video import (
+from megatron_keye.data.media import video_backends
+from megatron_keye.data.media.synthetic_media import (
+    Scene,
+    scene_frame,
+    write_empty_video,
+    write_video,
+)
+from megatron_keye.data.media.video import (
     VideoDecodeError,
     decode_video,
     decord_available,
@@ -19,7 +24,7 @@ from megatron_keye.data.video import (
     sample_frame_indices,
     smart_nframes,
 )
-from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.media.video_config import VideoConfig
 
 RELEASED = VideoConfig()
 needs_decord = pytest.mark.skipif(not decord_available(), reason="decord is not installed")
@@ -210,7 +215,7 @@ def test_auto_backend_and_trimming_on_a_file(videos):
 
 @needs_decord
 def test_auto_falls_back_to_decord_when_pyav_cannot_open(videos, monkeypatch):
-    from megatron_keye.data import video, video_backends
+    from megatron_keye.data.media import video, video_backends
 
     real_open_reader = video_backends.open_reader
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_keye.data.synthetic_media import Scene, write_video
-from megatron_keye.data.video_config import VideoConfig
-from megatron_keye.data.video_pipeline import load_video
+from megatron_keye.data.media.synthetic_media import Scene, write_video
+from megatron_keye.data.media.video_config import VideoConfig
+from megatron_keye.data.media.video_pipeline import load_video
 from megatron_keye.testing.keye_reference import import_vision_process
 
 
@@ -82,7 +82,7 @@ def test_fetch_video_agrees(tmp_path, vision_process, fps, height, width, codec,
 
 def test_budget_agrees_with_reference_search(vision_process_without_decoding, monkeypatch):
     """Many (slow, fast, size) combinations through fetch_video's own budget arithmetic."""
-    from megatron_keye.data.video_budget import solve_video_budget
+    from megatron_keye.data.media.video_budget import solve_video_budget
 
     vision_process = vision_process_without_decoding
 

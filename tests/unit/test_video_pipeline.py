@@ -13,18 +13,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_keye.data.slowfast import classify_slow_fast, slow_frame_indices
-from megatron_keye.data.synthetic_media import Scene, write_video
-from megatron_keye.data.templates import render_chat
-from megatron_keye.data.tokenizer import KeyeTokenizer
-from megatron_keye.data.video import decode_video, decord_available
-from megatron_keye.data.video_config import VideoConfig
-from megatron_keye.data.video_pipeline import (
+from megatron_keye.data.media.slowfast import classify_slow_fast, slow_frame_indices
+from megatron_keye.data.media.synthetic_media import Scene, write_video
+from megatron_keye.data.media.video import decode_video, decord_available
+from megatron_keye.data.media.video_config import VideoConfig
+from megatron_keye.data.media.video_pipeline import (
     load_video,
     video_pixel_values,
     video_placeholder_tokens,
 )
-from megatron_keye.data.vision_tokens import (
+from megatron_keye.data.text.templates import render_chat
+from megatron_keye.data.text.tokenizer import KeyeTokenizer
+from megatron_keye.data.text.vision_tokens import (
     expand_vision_placeholders,
     merge_thw,
     mrope_position_ids,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_keye.data.tokenizer import KeyeTokenizer, VisionTokenIds
-from megatron_keye.data.vision_tokens import (
+from megatron_keye.data.text.tokenizer import KeyeTokenizer, VisionTokenIds
+from megatron_keye.data.text.vision_tokens import (
     expand_vision_placeholders,
     image_token_ids,
     merge_thw,

@@ -45,7 +45,7 @@ def test_tokenizer_must_fit_the_model():
 
 
 def test_the_shipped_tokenizer_fits_the_tiny_model():
-    from megatron_keye.data.tokenizer import KeyeTokenizer
+    from megatron_keye.data.text.tokenizer import KeyeTokenizer
 
     config = load_config(None, [])
     check_tokenizer_fits(config)  # loads the shipped tokenizer
@@ -85,7 +85,7 @@ def test_export_dtype_follows_the_source_then_the_run():
 
 def test_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     from megatron_keye.convert import _copy_tokenizer
-    from megatron_keye.data.tokenizer import DEFAULT_TOKENIZER_DIR, KeyeTokenizer
+    from megatron_keye.data.text.tokenizer import DEFAULT_TOKENIZER_DIR, KeyeTokenizer
 
     size = KeyeTokenizer.default().vocab_size
     with pytest.raises(ValueError, match=f"the tokenizer has {size} tokens but the model's "

@@ -108,20 +108,20 @@ def make_text_batch(rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "tokens": tokens,
         "labels": labels,
-        "loss_mask": torch.ones(b, s, dtype=torch.float32),
+        "loss_weights": torch.ones(b, s, dtype=torch.float32),
         "position_ids": text_position_ids(b, s),
     }
 
 
 def build_text_dataset(config: DataConfig) -> TokenSequenceDataset:
     """Tokenize the configured corpus into a `TokenSequenceDataset`."""
-    from megatron_keye.data.tokenizer import KeyeTokenizer
+    from megatron_keye.data.text.tokenizer import KeyeTokenizer
 
     tokenizer = (
         KeyeTokenizer.from_dir(config.tokenizer) if config.tokenizer else KeyeTokenizer.default()
     )
     if config.kind == "synthetic_text":
-        from megatron_keye.data.synthetic_text import generate_documents
+        from megatron_keye.data.text.synthetic_text import generate_documents
 
         documents = generate_documents(config.num_documents, seed=config.seed)
     elif config.kind == "text_jsonl":

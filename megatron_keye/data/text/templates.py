@@ -12,7 +12,7 @@ as `render_chat`.
 
 from __future__ import annotations
 
-from megatron_keye.data.tokenizer import (
+from megatron_keye.data.text.tokenizer import (
     IM_END,
     IM_START,
     IMAGE_PAD,

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from megatron_keye.data.tokenizer import VisionTokenIds
+from megatron_keye.data.text.tokenizer import VisionTokenIds
 
 MERGE_SIZE = 2
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from megatron_keye.data.image import IMAGE_FACTOR, TOKEN_PIXELS
+from megatron_keye.data.media.image import IMAGE_FACTOR, TOKEN_PIXELS
 
 VideoBackend = Literal["auto", "decord", "pyav"]
 VideoTimestamps = Literal["index", "pts"]

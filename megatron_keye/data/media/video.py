@@ -27,9 +27,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from megatron_keye.data.image import describe_source
-from megatron_keye.data.video_backends import BackendError, auto_backend, open_reader
-from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.media.image import describe_source
+from megatron_keye.data.media.video_backends import BackendError, auto_backend, open_reader
+from megatron_keye.data.media.video_config import VideoConfig
 
 T = TypeVar("T")
 

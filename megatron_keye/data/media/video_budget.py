@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_keye.data.image import smart_resize
-from megatron_keye.data.video_config import VIDEO_MIN_PIXELS_FLOOR, VideoConfig
+from megatron_keye.data.media.image import smart_resize
+from megatron_keye.data.media.video_config import VIDEO_MIN_PIXELS_FLOOR, VideoConfig
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -29,9 +29,9 @@ from typing import Protocol
 
 import torch
 
-from megatron_keye.data.color import rgb_to_hsv
-from megatron_keye.data.image import resize_uint8, smart_resize
-from megatron_keye.data.video_config import VideoConfig
+from megatron_keye.data.media.color import rgb_to_hsv
+from megatron_keye.data.media.image import resize_uint8, smart_resize
+from megatron_keye.data.media.video_config import VideoConfig
 
 SLOW = 0
 FAST = 1

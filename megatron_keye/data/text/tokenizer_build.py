@@ -24,9 +24,9 @@ from tokenizers import (
     trainers,
 )
 
-from megatron_keye.data.synthetic_text import generate_documents
-from megatron_keye.data.templates import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
-from megatron_keye.data.tokenizer import (
+from megatron_keye.data.text.synthetic_text import generate_documents
+from megatron_keye.data.text.templates import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+from megatron_keye.data.text.tokenizer import (
     ENDOFTEXT,
     IM_END,
     OPTIONAL_SPECIAL_TOKENS,

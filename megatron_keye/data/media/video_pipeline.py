@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_keye.data.image import ImageConfig, normalize, patchify, resize_uint8
-from megatron_keye.data.slowfast import SLOW, classify_slow_fast
-from megatron_keye.data.video import DecodedVideo, open_video_stream
-from megatron_keye.data.video_budget import VideoTokenBudget, solve_video_budget
-from megatron_keye.data.video_config import VideoConfig
-from megatron_keye.data.vision_tokens import TextEncoder, video_frame_token_ids
+from megatron_keye.data.media.image import ImageConfig, normalize, patchify, resize_uint8
+from megatron_keye.data.media.slowfast import SLOW, classify_slow_fast
+from megatron_keye.data.media.video import DecodedVideo, open_video_stream
+from megatron_keye.data.media.video_budget import VideoTokenBudget, solve_video_budget
+from megatron_keye.data.media.video_config import VideoConfig
+from megatron_keye.data.text.vision_tokens import TextEncoder, video_frame_token_ids
 
 
 @dataclass(kw_only=True, frozen=True)

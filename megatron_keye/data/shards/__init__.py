@@ -1,0 +1,1 @@
+"""WebDataset shards: the preprocessing writer, the sharded loader, packing."""

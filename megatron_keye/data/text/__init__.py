@@ -1,0 +1,1 @@
+"""Text side: tokenizer, chat template and loss masks, vision placeholder tokens, synthetic text."""
