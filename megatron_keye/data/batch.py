@@ -18,7 +18,12 @@ TOKENS = "tokens"  # int64 input ids, vision placeholders already expanded
 LABELS = "labels"  # int64 next-token targets, shifted on the full row before any split; -100 = ignore
 LOSS_WEIGHTS = "loss_weights"  # float: 0/1 masks, or per-token weights (SFT sample/square averaging)
 SAMPLE_IDS = "sample_ids"  # int64, optional: packed-sample index within the row (0, 0, 1, 1, 1, ...)
-TOKEN_FIELDS = (TOKENS, LABELS, LOSS_WEIGHTS, SAMPLE_IDS)
+# Preference and reward pairs: a pair is two consecutive samples of one row, chosen then rejected;
+# every token of a sample carries its role (0 = not part of a pair, e.g. row padding).
+PAIR_ROLE = "pair_role"  # int64, optional: 1 = chosen, 2 = rejected
+REF_LOGPROBS = "ref_logprobs"  # float32, optional: reference model's log p(label) per token
+TOKEN_FIELDS = (TOKENS, LABELS, LOSS_WEIGHTS, SAMPLE_IDS, PAIR_ROLE, REF_LOGPROBS)
+CHOSEN, REJECTED = 1, 2
 
 # --- [3, b, s] M-RoPE (t, h, w) ids; text tokens carry three equal rows ------------------------
 POSITION_IDS = "position_ids"
@@ -35,9 +40,9 @@ PIXEL_VALUES = "pixel_values"
 VISION_GRIDS = "vision_grids"
 VISION_FIELDS = (PIXEL_VALUES, VISION_GRIDS)
 
-# --- per-sample extras are declared by the loss head that needs them (pair index, reference
-# log-probs, advantages, old log-probs); they pass through the CP split untouched unless they are
-# per-token [b, s], in which case the head lists them in `token_fields`.
+# --- further head extras (advantages, old log-probs, ...) are per-token [b, s] fields added to
+# TOKEN_FIELDS here, so the CP split cuts them with the tokens; sequence-level quantities are
+# reduced over `sample_ids` by the heads.
 
 REQUIRED = (TOKENS, LABELS, LOSS_WEIGHTS, POSITION_IDS)
 
