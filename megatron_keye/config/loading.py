@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from megatron_keye.config.schema import TrainConfig
-from megatron_keye.models.keye_vl.configs import flavor_fields
+from megatron_keye.models.keye_vl.configs import flavor_fields, vision_flavor_fields
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -91,6 +91,14 @@ def config_from_dict(raw: dict) -> TrainConfig:
         base = flavor_fields(flavor)
     except ValueError as err:
         raise ConfigError("model.flavor", str(err).split(": ", 1)[-1]) from None
+    vision = model.get("vision")
+    if isinstance(vision, dict):
+        vision_flavor = vision.get("flavor", "tiny")
+        try:
+            vision_base = vision_flavor_fields(vision_flavor)
+        except ValueError as err:
+            raise ConfigError("model.vision.flavor", str(err).split(": ", 1)[-1]) from None
+        model["vision"] = {**vision_base, **vision, "flavor": vision_flavor}
     raw["model"] = {**base, **model, "flavor": flavor}
     return _build(TrainConfig, raw, "")
 

@@ -12,6 +12,39 @@ from typing import Literal
 
 
 @dataclass(kw_only=True)
+class VisionConfig:
+    """Shapes of the SigLIP-style vision tower and the `mlp_AR` projector (spec section 1.1-1.2).
+
+    `flavor` names a preset in `models/keye_vl/configs.py` (VISION_FLAVORS); fields given next to
+    it override it. The projector maps 2x2 merged patches to the language model's hidden size.
+    """
+
+    flavor: str = "tiny"  # preset in models/keye_vl/configs.py VISION_FLAVORS: tiny | small | 8b
+    hidden_size: int  # ViT width (1152 in Keye-VL-1.5)
+    num_layers: int  # ViT encoder layers
+    num_attention_heads: int  # ViT heads; head_dim = hidden_size / heads must be a multiple of 4
+    ffn_hidden_size: int  # ViT MLP inner width (gelu_pytorch_tanh)
+    patch_size: int = 14  # square patch side in pixels (conv kernel and stride)
+    num_channels: int = 3  # image channels of a patch row
+    position_grid: int = 27  # side of the learned absolute position table (27x27 = 729 entries)
+    rope_theta: float = 10000.0  # base of the 2D RoPE (rope dim = head_dim / 2: height then width)
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon of the ViT blocks and the post-layernorm
+    spatial_merge_size: int = 2  # projector merges merge x merge patches into one LM token
+    projector_norm_eps: float = 1e-5  # LayerNorm epsilon of the projector (over merge^2 * hidden)
+    init_std: float = 0.02  # std of the normal weight init (drawn per parameter name)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of the ViT attention."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def merged_size(self) -> int:
+        """Width of one merged token: spatial_merge_size^2 * hidden_size (4608 in Keye-VL-1.5)."""
+        return self.spatial_merge_size**2 * self.hidden_size
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Shapes of the Qwen3 decoder (and, later, the vision tower).
 
@@ -47,6 +80,8 @@ class ModelConfig:
     # Precision of the Hugging Face weights this model was imported from (config.json
     # torch_dtype); `convert export` writes it unless told otherwise. None: the run's precision.
     source_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    # The vision tower and projector (KeyeVL); None = a text-only model.
+    vision: VisionConfig | None = None
 
     @property
     def padded_vocab_size(self) -> int:

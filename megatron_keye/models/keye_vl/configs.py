@@ -5,6 +5,8 @@ A flavor is a plain mapping of `ModelConfig` fields; recipes name one and may ov
 
 from __future__ import annotations
 
+from megatron_keye.config.schema import VisionConfig
+
 FLAVORS: dict[str, dict] = {
     # Small enough that a 4-process gloo test step takes milliseconds, yet with GQA (4:2),
     # head_dim independent of hidden/heads, and sections that exercise all three M-RoPE axes.
@@ -70,3 +72,51 @@ def flavor_fields(name: str) -> dict:
     fields = dict(FLAVORS[name])
     fields["mrope_section"] = list(fields["mrope_section"])
     return fields
+
+
+# Vision tower + projector presets (`model.vision.flavor`); the projector's output width is the
+# language model's hidden size.
+VISION_FLAVORS: dict[str, dict] = {
+    # Tests: head_dim 12 (rope dim 6: 3 height + 3 width frequencies), a 6x6 position table so
+    # test grids interpolate both up and down, heads divisible by TP=2.
+    "tiny": dict(
+        hidden_size=48,
+        num_layers=2,
+        num_attention_heads=4,
+        ffn_hidden_size=96,
+        patch_size=14,
+        position_grid=6,
+    ),
+    # CPU benchmark shapes: a third of so400m's width, 6 layers.
+    "small": dict(
+        hidden_size=384,
+        num_layers=6,
+        num_attention_heads=6,
+        ffn_hidden_size=1536,
+        patch_size=14,
+        position_grid=27,
+    ),
+    # Keye-VL-1.5's SigLIP-so400m-patch14 tower (spec section 1.1).
+    "8b": dict(
+        hidden_size=1152,
+        num_layers=27,
+        num_attention_heads=16,
+        ffn_hidden_size=4304,
+        patch_size=14,
+        position_grid=27,
+    ),
+}
+
+
+def vision_flavor_fields(name: str) -> dict:
+    """The `VisionConfig` fields of a named vision flavor (a fresh copy)."""
+    if name not in VISION_FLAVORS:
+        raise ValueError(
+            f"model.vision.flavor: unknown flavor {name!r}; choose one of {sorted(VISION_FLAVORS)}"
+        )
+    return dict(VISION_FLAVORS[name])
+
+
+def vision_config(name: str, **overrides) -> VisionConfig:
+    """A `VisionConfig` from a named flavor plus field overrides."""
+    return VisionConfig(**{**vision_flavor_fields(name), "flavor": name, **overrides})
