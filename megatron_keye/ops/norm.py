@@ -27,3 +27,15 @@ class RMSNorm(torch.nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm (weight and bias) built from a megatron-core config, sequence-parallel
+    aware like `RMSNorm` above: under sequence parallelism both parameters are tagged so
+    `finalize_model_grads` sums their gradients over the tensor-parallel group."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+            self.bias.sequence_parallel = True

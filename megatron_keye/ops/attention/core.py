@@ -162,6 +162,13 @@ class CoreAttention(MegatronModule):
 
                 out = flash_attention(q, k, v, causal=causal, segments=segments,
                                       scale=self.softmax_scale, dropout=dropout)
+            elif segments is not None and not causal:
+                # Bidirectional packed sequences (ViT images/frames): per-sequence SDPA calls
+                # grouped by length, never a mask over the whole row.
+                from megatron_keye.ops.attention.varlen import varlen_sdpa
+
+                out = varlen_sdpa(q, k, v, segments=segments, causal=False,
+                                  scale=self.softmax_scale, dropout=dropout)
             else:
                 out = sdpa_attention(q, k, v, causal=causal, segments=segments,
                                      mask=attention_mask, scale=self.softmax_scale,
