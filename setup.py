@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "transformers>=4.51",  # Qwen3ForCausalLM: HF interop and parity tests
     "pillow",
     "av",  # PyAV: the always-available video decoder
+    "webdataset",  # shard writing (preprocess) and reading (loader)
 ]
 
 EXTRAS = {
