@@ -6,6 +6,7 @@
     megatron-keye config --recipe tiny-cpu-text --world-size 4   # resolve and validate only
     megatron-keye demo                                            # the CPU demo (make demo)
     megatron-keye plan --flavor 8b --seq 131072 --gpus 8          # rank TP/CP/PP/DP layouts
+    megatron-keye merge --method ties --base PRE --model A --model B --density 0.2 --out OUT
 """
 
 from __future__ import annotations
@@ -141,8 +142,14 @@ def _plan(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _merge(argv: list[str]) -> int:
+    from megatron_keye.post_training.merging import cli_main
+
+    return cli_main(argv)
+
+
 COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo,
-            "plan": _plan}
+            "plan": _plan, "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Merge native checkpoints (same as `megatron-keye merge`); `--help` lists the options.
+
+    python tools/merge_models.py --method ties --base PRE --model SFT_A --model SFT_B \
+        --weights 1 0.5 --density 0.2 --out MERGED
+"""
+
+import sys
+
+from megatron_keye.post_training.merging import cli_main
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:], prog="tools/merge_models.py"))
