@@ -189,11 +189,45 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class SFTHeadConfig:
+    """Options of the `sft` head (assistant-only next-token loss)."""
+
+    # Per-token weight of sample i with n_i supervised tokens: token = 1, sample = 1/n_i,
+    # square = 1/sqrt(n_i) (InternVL); the loss is sum(w*nll)/sum(w) over the global batch.
+    loss_avg: Literal["token", "sample", "square"] = "token"
+
+
+@dataclass(kw_only=True)
+class PreferenceHeadConfig:
+    """Options of the `dpo` and `mpo` heads (pairs: chosen then rejected sample of one row)."""
+
+    beta: float = 0.1  # DPO/BCO temperature on the policy-reference log-ratio
+    label_smoothing: float = 0.0  # cDPO: probability that a pair's labels are flipped (sigmoid only)
+    # Loss terms, summed with `loss_weights`: sigmoid (DPO), ipo, bco_pair, sft (NLL on the chosen).
+    # Empty = the head's preset: dpo -> [sigmoid]; mpo -> [sigmoid, bco_pair, sft].
+    loss_types: list[Literal["sigmoid", "ipo", "bco_pair", "sft"]] = field(default_factory=list)
+    loss_weights: list[float] = field(default_factory=list)  # one per loss type; empty = preset (mpo: 0.8, 0.2, 1.0)
+    # Where reference log-probs come from: precomputed = the batch's ref_logprobs field
+    # (`megatron-keye reference-logprobs`); model = a frozen reference model on the same layout.
+    reference: Literal["precomputed", "model"] = "precomputed"
+    reference_load: str | None = None  # checkpoint of the frozen reference; default checkpoint.load
+
+
+@dataclass(kw_only=True)
+class HeadConfig:
+    """Per-head option sections; a head reads only its own (`heads/base.py`)."""
+
+    sft: SFTHeadConfig = field(default_factory=SFTHeadConfig)
+    preference: PreferenceHeadConfig = field(default_factory=PreferenceHeadConfig)
+
+
+@dataclass(kw_only=True)
 class StageConfig:
     """What a training stage trains and with which loss head."""
 
     name: str = "pretrain"  # a label for the stage
-    loss_head: str = "lm"  # registered loss head (heads/)
+    loss_head: str = "lm"  # registered loss head (heads/): lm, sft, dpo, mpo, ...
+    head: HeadConfig = field(default_factory=HeadConfig)  # options of the loss heads
     # Parameters whose names match any of these fnmatch patterns are frozen.
     freeze: list[str] = field(default_factory=list)
     max_consecutive_nonfinite: int = 3  # stop after this many non-finite steps in a row
