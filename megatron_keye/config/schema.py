@@ -82,6 +82,12 @@ class ModelConfig:
     source_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     # The vision tower and projector (KeyeVL); None = a text-only model.
     vision: VisionConfig | None = None
+    # Token ids of the vision markers (Keye-VL-1.5's Qwen2 ids; the tiny/small flavors use the
+    # shipped tiny tokenizer's). Image and video pads are replaced by vision embeddings.
+    image_token_id: int = 151655  # `<|image_pad|>`
+    video_token_id: int = 151656  # `<|video_pad|>`
+    vision_start_token_id: int = 151652  # `<|vision_start|>`
+    vision_end_token_id: int = 151653  # `<|vision_end|>`
 
     @property
     def padded_vocab_size(self) -> int:

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from megatron_keye.config.schema import VisionConfig
 
+# Vision marker ids of the tiny tokenizer shipped in data/text/assets (tests and CPU runs).
+_TINY_TOKENIZER_VISION_IDS = dict(
+    image_token_id=1289, video_token_id=1290, vision_start_token_id=1287, vision_end_token_id=1288,
+)
+
 FLAVORS: dict[str, dict] = {
     # Small enough that a 4-process gloo test step takes milliseconds, yet with GQA (4:2),
     # head_dim independent of hidden/heads, and sections that exercise all three M-RoPE axes.
@@ -21,6 +26,7 @@ FLAVORS: dict[str, dict] = {
         rope_base=1_000_000.0,
         mrope_section=[4, 4, 4],
         max_position_embeddings=4096,
+        **_TINY_TOKENIZER_VISION_IDS,
     ),
     # CPU benchmark shapes: hidden 512, 8 layers, GQA 8:2.
     "small": dict(
@@ -34,6 +40,7 @@ FLAVORS: dict[str, dict] = {
         rope_base=1_000_000.0,
         mrope_section=[8, 12, 12],
         max_position_embeddings=32768,
+        **_TINY_TOKENIZER_VISION_IDS,
     ),
     # Qwen3-0.6B shapes (tied embeddings): the language model of a small Keye.
     "0.6b": dict(
