@@ -33,6 +33,13 @@ class VisionConfig:
     projector_norm_eps: float = 1e-5  # LayerNorm epsilon of the projector (over merge^2 * hidden)
     init_std: float = 0.02  # std of the normal weight init (drawn per parameter name)
 
+    @classmethod
+    def from_flavor(cls, name: str, **overrides) -> VisionConfig:
+        """A VisionConfig from a named preset plus field overrides."""
+        from megatron_keye.models.keye_vl.configs import vision_flavor_fields
+
+        return cls(**{**vision_flavor_fields(name), "flavor": name, **overrides})
+
     @property
     def head_dim(self) -> int:
         """Per-head width of the ViT attention."""

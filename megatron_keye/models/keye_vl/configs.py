@@ -5,8 +5,6 @@ A flavor is a plain mapping of `ModelConfig` fields; recipes name one and may ov
 
 from __future__ import annotations
 
-from megatron_keye.config.schema import VisionConfig
-
 # Vision marker ids of the tiny tokenizer shipped in data/text/assets (tests and CPU runs).
 _TINY_TOKENIZER_VISION_IDS = dict(
     image_token_id=1289, video_token_id=1290, vision_start_token_id=1287, vision_end_token_id=1288,
@@ -123,7 +121,3 @@ def vision_flavor_fields(name: str) -> dict:
         )
     return dict(VISION_FLAVORS[name])
 
-
-def vision_config(name: str, **overrides) -> VisionConfig:
-    """A `VisionConfig` from a named flavor plus field overrides."""
-    return VisionConfig(**{**vision_flavor_fields(name), "flavor": name, **overrides})
