@@ -6,6 +6,7 @@
     megatron-keye config --recipe tiny-cpu-text --world-size 4   # resolve and validate only
     megatron-keye demo                                            # the CPU demo (make demo)
     megatron-keye plan --flavor 8b --seq 131072 --gpus 8          # rank TP/CP/PP/DP layouts
+    megatron-keye preprocess --input chat.jsonl --output-dir shards/  # JSONL + media -> shards
     megatron-keye merge --method ties --base PRE --model A --model B --density 0.2 --out OUT
 """
 
@@ -148,8 +149,14 @@ def _merge(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _preprocess(argv: list[str]) -> int:
+    from megatron_keye.data.shards.writer import cli_main
+
+    return cli_main(argv)
+
+
 COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo,
-            "plan": _plan, "merge": _merge}
+            "plan": _plan, "merge": _merge, "preprocess": _preprocess}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -507,3 +507,50 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     _finish(run, tail)
     return _summary_from(run, complete=True, resumed=resumed, lines=lines, started=started,
                          tail_rejects=tail)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def cli_main(argv: list[str]) -> int:
+    """`megatron-keye preprocess ...` and `tools/preprocess_data.py ...`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="megatron-keye preprocess",
+        description="Convert JSONL corpora (conversations, ms-swift messages, captions, text, "
+                    "preference/reward pairs) and their media into WebDataset shards + index. "
+                    "Re-running resumes an interrupted run; the output is byte-identical.")
+    parser.add_argument("--input", action="append", required=True, metavar="[SOURCE=]PATH",
+                        help="a JSONL file (repeatable); SOURCE names its records' source "
+                             "(default: the file name's stem)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--name", default="train", help="shard prefix: NAME-000000.tar")
+    parser.add_argument("--media-root", default=None,
+                        help="media paths are relative to it (default: each input's directory)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory or tokenizer.json (default: the tiny one)")
+    parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--max-shard-bytes", type=float, default=float(1 << 30),
+                        help="close a shard before it would pass this many bytes")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="reject records whose estimated tokens (text + vision) exceed it")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    parser.add_argument("--chunk-lines", type=int, default=16)
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier output of NAME")
+    parser.add_argument("--stop-after-shards", type=int, default=None,
+                        help="write at most this many new shards, then stop (resumable)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = PreprocessConfig(
+        inputs=[InputSpec.parse(text) for text in args.input],
+        output_dir=Path(args.output_dir), name=args.name,
+        media_root=Path(args.media_root) if args.media_root else None, tokenizer=args.tokenizer,
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_bytes_per_shard=int(args.max_shard_bytes), max_tokens=args.max_tokens,
+        workers=args.workers, chunk_lines=args.chunk_lines, progress=not args.no_progress,
+        overwrite=args.overwrite, stop_after_shards=args.stop_after_shards)
+    summary = preprocess(config)
+    print(summary.table())
+    print(f"output: {config.output_dir}/{config.name}-*.tar, {config.name}.index.json, "
+          f"{config.name}.rejects.jsonl")
+    return 0
