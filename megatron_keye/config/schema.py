@@ -87,6 +87,11 @@ class ModelConfig:
     # Precision of the Hugging Face weights this model was imported from (config.json
     # torch_dtype); `convert export` writes it unless told otherwise. None: the run's precision.
     source_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    # What the last stage computes: lm = vocab-parallel logits; value = one scalar score per
+    # token from a replicated `value_head` [1, hidden] in place of the output layer (reward
+    # models; HF export as Qwen3ForSequenceClassification). Loading an lm checkpoint into a
+    # value model keeps the freshly drawn value head.
+    output_head: Literal["lm", "value"] = "lm"
     # The vision tower and projector (KeyeVL); None = a text-only model.
     vision: VisionConfig | None = None
     # Token ids of the vision markers (Keye-VL-1.5's Qwen2 ids; the tiny/small flavors use the
