@@ -104,27 +104,39 @@ def test_kill_and_resume_at_cp2_gives_identical_losses(tmp_path, reference_setup
 
 
 def test_short_context_checkpoint_extends_to_long_context_cp2(tmp_path, reference_setup):
-    """Stage 3: an 8K-stage checkpoint loaded at twice the length, RoPE base 1e6 -> 8e6, CP=2,
-    gives the loss those weights give unsharded with the new base."""
+    """Stage 3: an 8K-stage checkpoint loaded at twice the length, RoPE base 1e6 -> 8e6, into
+    TP=2xCP=2 (weights) and PP=2xCP=2 (weights and Adam state) gives the losses those weights
+    and that optimizer state give unsharded with the new base, before and after a step."""
     from tests.distributed.conftest import random_global_batch
     from tests.distributed.workers import tiny_config, train_run_worker
-    from tests.distributed.workers_cp_model import extension_eval_worker
+    from tests.distributed.workers_cp_model import extension_eval_worker, extension_step_worker
 
     config = reference_setup["config"]  # seq 32, base 1e6
-    short = [random_global_batch(config, rows=8, seed=300)]
+    short = [random_global_batch(config, rows=8, seed=300 + i) for i in range(2)]
     run_workers(train_run_worker, 1, layout={}, weights=reference_setup["weights"],
                 batches=short, train_iters=2, save_dir=str(tmp_path))
     long_batch = random_global_batch(tiny_config({}, seq=64), rows=8, seed=301)
-    (one,) = run_workers(extension_eval_worker, 1, layout={}, load=str(tmp_path),
-                         batch=long_batch, seq=64, rope_base=8e6)
-    cp = run_workers(extension_eval_worker, 4, layout={"context": 2, "tensor": 2, "sp": True},
-                     load=str(tmp_path), batch=long_batch, seq=64, rope_base=8e6)
-    for r in cp:
-        assert abs(r["loss"] - one["loss"]) / one["loss"] < TOLERANCE
+    common = {"load": str(tmp_path), "batch": long_batch, "seq": 64}
+    (one,) = run_workers(extension_step_worker, 1, layout={}, rope_base=8e6,
+                         weights_only=False, **common)
+    assert one["iteration"] == 2  # the checkpoint's iteration (and schedule) were restored
+    cp_tp = run_workers(extension_eval_worker, 4, layout={"context": 2, "tensor": 2, "sp": True},
+                        rope_base=8e6, **common)
+    for r in cp_tp:
+        assert abs(r["loss"] - one["before"]) / one["before"] < TOLERANCE
         assert r["count"] == one["count"]
-    (old_base,) = run_workers(extension_eval_worker, 1, layout={}, load=str(tmp_path),
-                              batch=long_batch, seq=64, rope_base=1e6)
-    assert abs(old_base["loss"] - one["loss"]) > 1e-5  # the base really changed the model
+    cp_pp = run_workers(extension_step_worker, 4, layout={"context": 2, "pipeline": 2},
+                        rope_base=8e6, weights_only=False, **common)
+    for r in cp_pp:
+        for key in ("before", "step", "after"):
+            assert abs(r[key] - one[key]) / one[key] < TOLERANCE, key
+    # The Adam moments really were loaded (a fresh optimizer steps elsewhere), and the base
+    # really changed the model.
+    (fresh,) = run_workers(extension_step_worker, 1, layout={}, rope_base=8e6,
+                           weights_only=True, **common)
+    assert abs(fresh["after"] - one["after"]) / one["after"] > 1e-4
+    (old_base,) = run_workers(extension_eval_worker, 1, layout={}, rope_base=1e6, **common)
+    assert abs(old_base["loss"] - one["before"]) > 1e-5
 
 
 def test_recompute_reruns_core_attention_in_backward(reference_setup):

@@ -16,6 +16,22 @@ def extension_eval_worker(*, layout: dict, load: str, batch: dict, seq: int, rop
     return {"loss": loss, "count": count}
 
 
+def extension_step_worker(*, layout: dict, load: str, batch: dict, seq: int, rope_base: float,
+                          weights_only: bool):
+    """Load a checkpoint (weights, and Adam state unless `weights_only`) into a longer, other-base,
+    other-layout run; the loss before a step, the step's loss and the loss after it."""
+    config = tiny_config(layout, seq=seq, extra=(
+        f"model.rope_base={rope_base}", f"checkpoint.load={load}",
+        f"checkpoint.load_weights_only={str(weights_only).lower()}",
+    ))
+    trainer = build_trainer(config, [batch, batch, batch], weights=None)
+    before, count = trainer.evaluate(trainer.loader.next_step())
+    step = trainer.train_step(trainer.loader.next_step())
+    after, _ = trainer.evaluate(trainer.loader.next_step())
+    return {"before": before, "count": count, "step": step.loss, "after": after,
+            "iteration": trainer.iteration}
+
+
 def attention_calls_worker(*, modes: list[str], batch: dict):
     """How many times core attention runs in one forward+backward of one micro-batch, per
     `model.recompute` mode."""
