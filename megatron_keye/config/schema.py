@@ -161,10 +161,23 @@ class ScheduleConfig:
 
 
 @dataclass(kw_only=True)
+class DataSourceConfig:
+    """One corpus of preprocessed shards and its share of the blend (`data.kind: shards`)."""
+
+    # A `NAME.index.json` written by `megatron-keye preprocess`, a directory of them, or a
+    # tar pattern such as `dir/laion-{000000..000031}.tar` (sample counts then read from the tars).
+    path: str
+    weight: float = 1.0  # relative share of samples drawn from this source
+    name: str | None = None  # label in metrics and logs; default: the index's name or the path
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where batches come from and how long a sequence is."""
 
-    kind: Literal["synthetic_text", "text_jsonl"] = "synthetic_text"  # where batches come from
+    # synthetic_text / text_jsonl: fixed-length text rows; shards: packed multimodal rows read
+    # from preprocessed WebDataset shards (`sources`), decoded in loader worker processes.
+    kind: Literal["synthetic_text", "text_jsonl", "shards"] = "synthetic_text"
     seq_length: int = 128  # tokens per sequence
     # text_jsonl: a JSONL file (or directory of them) with a "text" field per line.
     path: str | None = None
@@ -174,6 +187,17 @@ class DataConfig:
     num_documents: int = 2000
     seed: int = 1234  # seed of the data order
     shuffle: bool = True  # shuffle samples each epoch
+    # shards: the corpora and their blend weights (stage 3: video:image:text = 24:50:26).
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    num_workers: int = 2  # shards: DataLoader worker processes per rank (0 = decode in the trainer)
+    shuffle_buffer: int = 1000  # shards: per-source shuffle buffer of each stream, in samples
+    # shards: logical streams that fix the global sample order for the whole run (saved with the
+    # loader state, so a resumed run keeps it); a multiple of data-parallel size x num_workers of
+    # every layout the run will use. 0 = data-parallel size x num_workers of the first start.
+    num_streams: int = 0
+    pack_open_rows: int = 4  # shards: rows the best-fit packer keeps open per stream
+    overlong: Literal["truncate", "drop"] = "truncate"  # shards: a sample longer than a row
+    prefetch_rows: int = 4  # shards: rows each worker prepares ahead
 
 
 @dataclass(kw_only=True)
