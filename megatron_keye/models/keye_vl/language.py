@@ -11,6 +11,9 @@ past `model.vocab_size` are set to the dtype's most negative value on the way ou
 softmax over them (loss heads, log-probs, sampling) is exactly the unpadded model's: exp of those
 columns is 0, and unlike -inf they never turn 0·log 0 into NaN.
 
+With `model.output_head: value` (reward models) the output layer is replaced by `ValueHead`, a
+replicated [1, h] projection, and the last stage returns one fp32 score per token [s, b].
+
 With `model.tie_word_embeddings` the output layer reuses the embedding matrix (megatron-core's
 shared embedding weight): on one pipeline stage it is the same parameter; under pipelining the
 last stage holds a copy that starts equal (`setup_embeddings_and_output_layer` all-reduces it over
@@ -28,7 +31,9 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
 )
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_keye.config.schema import ModelConfig, ParallelConfig
 from megatron_keye.models.keye_vl.rope import MultimodalRotaryEmbedding
@@ -127,7 +132,11 @@ class Qwen3LanguageModel(LanguageModule):
         self.post_process = post_process
         self.vp_stage = vp_stage
         self.parallel_output = parallel_output
-        self.share_embeddings_and_output_weights = model.tie_word_embeddings
+        self.output_head = model.output_head
+        # A value head has no vocabulary: nothing to tie the embedding to.
+        self.share_embeddings_and_output_weights = (
+            model.tie_word_embeddings and model.output_head == "lm"
+        )
         self.model_type = ModelType.encoder_or_decoder
         self.vocab_size = model.vocab_size
         self.padded_vocab_size = model.padded_vocab_size
@@ -155,7 +164,9 @@ class Qwen3LanguageModel(LanguageModule):
             post_process=post_process,
             vp_stage=vp_stage,
         )
-        if post_process:
+        if post_process and self.output_head == "value":
+            self.value_head = ValueHead(config)
+        elif post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 model.padded_vocab_size,
@@ -169,7 +180,19 @@ class Qwen3LanguageModel(LanguageModule):
             )
         # Tags embedding/output parameters; when tied across stages, copies the first stage's
         # embedding into the last stage's output layer (a collective over the embedding group).
-        self.setup_embeddings_and_output_layer()
+        if self.output_head == "value":
+            if pre_process:
+                self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        else:
+            self.setup_embeddings_and_output_layer()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron-core's, except that a value model has no `output_layer` to pad or tie."""
+        if self.output_head == "value":
+            return MegatronModule.sharded_state_dict(
+                self, prefix, sharded_offsets, ensure_metadata_has_dp_cp_group(metadata)
+            )
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
@@ -194,7 +217,8 @@ class Qwen3LanguageModel(LanguageModule):
         Under context parallelism every input holds this rank's zig-zag chunks and `positions`
         [b, s] gives each token's place in its full row (what causal masks compare).
         Returns vocab-parallel logits [s, b, padded_vocab/tp] (padded columns masked) on the
-        last stage and hidden states [s(/tp under SP), b, h] elsewhere.
+        last stage (per-token fp32 scores [s, b] with `output_head: value`) and hidden states
+        [s(/tp under SP), b, h] elsewhere.
         """
         packed_seq_params = None
         if decoder_input is None and self.pre_process:
@@ -219,6 +243,8 @@ class Qwen3LanguageModel(LanguageModule):
         )
         if not self.post_process:
             return hidden
+        if self.output_head == "value":
+            return self.value_head(hidden)
         weight = (
             self.shared_embedding_or_output_weight()
             if self.share_embeddings_and_output_weights
@@ -230,6 +256,36 @@ class Qwen3LanguageModel(LanguageModule):
         else:
             start = 0
         return mask_padded_vocab(logits, self.vocab_size, vocab_start=start)
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar score per token: `weight` [1, h] (no bias), replicated over tensor-parallel ranks.
+
+    Without sequence parallelism every TP rank holds all positions and computes identical scores
+    and gradients. Under SP each rank scores its sequence slice and the slices are gathered
+    (backward: each rank keeps its slice's gradient, as every rank computes the same loss); the
+    weight's partial gradients are then summed over TP by megatron-core's `finalize_model_grads`
+    (the `sequence_parallel` attribute, as for norm weights). Scores are computed in fp32.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.weight = torch.nn.Parameter(
+            torch.empty(1, config.hidden_size, dtype=config.params_dtype)
+        )
+        torch.nn.init.normal_(self.weight, std=config.init_method_std)
+        if self.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s(/tp), b, h] -> scores [s, b] (fp32)."""
+        scores = (hidden.float() @ self.weight.float().t()).squeeze(-1)
+        if self.sequence_parallel:
+            scores = tensor_parallel.gather_from_sequence_parallel_region(
+                scores, tensor_parallel_output_grad=False
+            )
+        return scores
 
 
 def mask_padded_vocab(
