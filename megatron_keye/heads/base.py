@@ -63,6 +63,14 @@ class HeadBase:
     needs: ClassVar[HeadNeeds] = HeadNeeds()
     config_section: ClassVar[str | None] = None  # attribute of `stage.head` this head reads
 
+    def __init__(self, *, config: Any = None, vocab_size: int | None = None):
+        self.config = config
+        self.vocab_size = vocab_size  # real vocabulary: logit columns past it are padding
+        # A frozen reference model on the policy's layout fills `ref_logprobs` each step when
+        # True (the trainer builds it from `reference_load`, else `checkpoint.load`).
+        self.uses_reference_model = False
+        self.reference_load: str | None = None
+
     def batch_statistics(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Sums over one unsplit micro-batch that the head needs for the whole global batch."""
         return {}
@@ -103,15 +111,19 @@ def registered_heads() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_loss_head(name: str, *, head_config: Any = None, **kwargs) -> LossHead:
+def build_loss_head(name: str, *, head_config: Any = None, vocab_size: int | None = None,
+                    **kwargs) -> LossHead:
     """Instantiate the registered head `name`.
 
     `head_config` is `stage.head` (config/schema.py::HeadConfig); a head with a
     `config_section` receives that section as `config=`, built with defaults when absent.
+    `HeadBase` heads also get the real `vocab_size` (`model.vocab_size`).
     """
     if name not in _REGISTRY:
         raise ValueError(f"stage.loss_head: unknown head {name!r}; known: {sorted(_REGISTRY)}")
     cls = _REGISTRY[name]
+    if issubclass(cls, HeadBase):
+        kwargs.setdefault("vocab_size", vocab_size)
     section = getattr(cls, "config_section", None)
     if section is not None and "config" not in kwargs:
         if head_config is None:

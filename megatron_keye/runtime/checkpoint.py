@@ -73,6 +73,7 @@ class TrainingState:
     scheduler: dict | None = None
     data: dict | None = None
     counters: dict | None = None
+    head: dict | None = None  # the loss head's running state (heads/base.py::HeadBase.state_dict)
 
 
 class Checkpointer:
@@ -113,6 +114,7 @@ class Checkpointer:
             scheduler=state.scheduler,
             data=state.data,
             counters=state.counters or {},
+            head=state.head or {},
             config=self.run_config,
             layout=self.layout,
             has_optimizer=optimizer is not None,
@@ -194,6 +196,7 @@ class Checkpointer:
             scheduler=common.get("scheduler"),
             data=common.get("data"),
             counters=common.get("counters"),
+            head=common.get("head"),
         )
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_keye.data.batch import REF_LOGPROBS
 from megatron_keye.heads import LossHead
 from megatron_keye.heads.base import report_entry
 from megatron_keye.runtime.comm import all_reduce_values
@@ -25,6 +26,8 @@ from megatron_keye.runtime.context_split import split_for_context_parallel
 
 # The report entry holding the (sum, count) the gradients were computed from.
 LOSS_KEY = "__loss__"
+# Where the reference pass leaves a micro-batch's (CP-local) reference log-probs for the policy's.
+_REFERENCE_STASH = "__reference_logprobs__"
 
 
 class ModelStep:
@@ -38,8 +41,13 @@ class ModelStep:
         device: torch.device,
         seq_length: int,
         micro_batch_size: int,
+        reference_model: list[torch.nn.Module] | None = None,
+        vocab_size: int | None = None,
     ):
         self.model = model
+        # A frozen reference (same layout) whose log p(label) fills `ref_logprobs` each step.
+        self.reference_model = reference_model
+        self.vocab_size = vocab_size
         self.loss_head = loss_head
         self.device = device
         self.seq_length = seq_length
@@ -55,6 +63,10 @@ class ModelStep:
         Returns the loss reports of the micro-batches (last pipeline stage; empty elsewhere).
         With `forward_only=False` the gradients end finalized (reduced over data ranks).
         """
+        microbatches = [dict(mb) for mb in microbatches]  # the reference pass stashes into them
+        self._begin_step(microbatches)
+        if self.reference_model is not None:
+            self._reference_pass(microbatches)
         vpp = len(self.model)
         iterators = [iter(microbatches) for _ in range(vpp)]
         return get_forward_backward_func()(
@@ -68,10 +80,71 @@ class ModelStep:
             force_all_reduce=force_all_reduce,
         )
 
-    def _forward_step(self, data_iterator, model):
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+    def _begin_step(self, microbatches) -> None:
+        """Global-batch sums a head asked for (`batch_statistics`), before any forward.
+
+        Every rank sees unsplit micro-batches (CP cuts them in the forward step), so the sums
+        add over micro-batches and the data-parallel group only.
+        """
+        statistics = getattr(self.loss_head, "batch_statistics", None)
+        if statistics is None:
+            return
+        totals: dict[str, float] = {}
+        for mb in microbatches:
+            for name, value in statistics(mb).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        if totals:
+            names = sorted(totals)
+            summed = all_reduce_values([totals[n] for n in names],
+                                       group=parallel_state.get_data_parallel_group())
+            totals = {n: summed[i].item() for i, n in enumerate(names)}
+        self.loss_head.begin_step(totals)
+
+    def _reference_pass(self, microbatches) -> None:
+        """Forward the frozen reference over the micro-batches (no grad); the last stage
+        stashes each one's log p(label), in this rank's CP share, for the policy's loss head."""
+        from megatron_keye.heads.logprobs import vocab_parallel_logprobs
+
+        def forward_step(data_iterator, model):
+            source = next(data_iterator)
+            batch = self._device_batch(source)
+            output = model(batch["tokens"], batch["position_ids"],
+                           segments=batch.get("sample_ids"), positions=batch.get("positions"))
+
+            def stash(output):
+                logp, _ = vocab_parallel_logprobs(output, batch["labels"].transpose(0, 1),
+                                                  vocab_size=self.vocab_size)
+                source[_REFERENCE_STASH] = logp.transpose(0, 1).detach().float()
+                zero = output.new_zeros(())
+                return zero, torch.zeros((), dtype=torch.int, device=zero.device), {}
+
+            return output, stash
+
+        vpp = len(self.reference_model)
+        iterators = [iter(microbatches) for _ in range(vpp)]
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if vpp > 1 else iterators[0],
+                model=self.reference_model,
+                num_microbatches=len(microbatches),
+                seq_length=self.seq_length,
+                micro_batch_size=self.micro_batch_size,
+                forward_only=True,
+            )
+
+    def _device_batch(self, source) -> dict[str, torch.Tensor]:
+        """A micro-batch on the device, cut to this rank's CP share, reference log-probs in."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in source.items()
+                 if k != _REFERENCE_STASH}
         if self.cp_size > 1:
             batch = split_for_context_parallel(batch, cp_size=self.cp_size, cp_rank=self.cp_rank)
+        if _REFERENCE_STASH in source:
+            batch[REF_LOGPROBS] = source[_REFERENCE_STASH]
+        return batch
+
+    def _forward_step(self, data_iterator, model):
+        batch = self._device_batch(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"],
                        segments=batch.get("sample_ids"), positions=batch.get("positions"))
         return output, functools.partial(self._compute_loss, batch)

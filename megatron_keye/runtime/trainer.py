@@ -103,13 +103,25 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.schedule)
         self._install_schedule_hooks()
-        self.loss_head = self.loss_head or build_loss_head(cfg.stage.loss_head)
+        self.loss_head = self.loss_head or build_loss_head(
+            cfg.stage.loss_head, head_config=cfg.stage.head, vocab_size=cfg.model.vocab_size
+        )
+        self.reference_model = None
+        if getattr(self.loss_head, "uses_reference_model", False):
+            from megatron_keye.post_training.reference import build_reference_model
+
+            self.reference_model = build_reference_model(
+                cfg, self.device, layout=self.layout(),
+                source=getattr(self.loss_head, "reference_load", None) or cfg.checkpoint.load,
+            )
         self.step_runner = ModelStep(
             model=self.model,
             loss_head=self.loss_head,
             device=self.device,
             seq_length=cfg.data.seq_length,
             micro_batch_size=cfg.schedule.micro_batch_size,
+            reference_model=self.reference_model,
+            vocab_size=cfg.model.vocab_size,
         )
         self.tokens_per_step = cfg.schedule.global_batch_size * cfg.data.seq_length
         if self.loader is None:
@@ -217,6 +229,9 @@ class Trainer:
         totals = self.step_runner.global_reports(reports)
         loss_sum, count = totals.pop(LOSS_KEY)
         finite = math.isfinite(loss_sum) and count > 0
+        end_step = getattr(self.loss_head, "end_step", None)
+        if end_step is not None and finite:
+            end_step(totals, training=True)  # running head state (BCO's reward shift)
         # The rate this update uses (the scheduler then moves on to the next step's).
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
         outcome = guarded_step(self.optimizer, loss_is_finite=finite)
@@ -381,6 +396,7 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             data=self.loader.state_dict(),
             counters={"skipped_steps": self.skipped_steps},
+            head=self.loss_head.state_dict() if hasattr(self.loss_head, "state_dict") else None,
         )
 
     def save(self):
@@ -431,5 +447,7 @@ class Trainer:
         if state.data:
             self.loader.load_state_dict(state.data)
         self.skipped_steps = (state.counters or {}).get("skipped_steps", 0)
+        if state.head and hasattr(self.loss_head, "load_state_dict"):
+            self.loss_head.load_state_dict(state.head)
         if dist.get_rank() == 0:
             log.info("%s: loaded %s at iteration %d", why, source, self.iteration)

@@ -1,0 +1,79 @@
+"""Reference-model log-probs for preference heads (DPO/BCO/MPO).
+
+Two ways to get log p_ref(label) per token:
+- a frozen reference model held next to the policy on the same layout
+  (`stage.head.preference.reference: model`): `build_reference_model` builds and loads it, and
+  the model step forwards it before the policy every step (`runtime/step.py`);
+- precomputed once (`reference: precomputed`): `reference_logprobs` runs a checkpoint over
+  micro-batches and returns full-row [b, s] log-probs (CP shares merged back), which a pass
+  writes next to the data so training needs no second model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_keye.config import config_to_dict
+from megatron_keye.config.schema import TrainConfig
+
+
+def build_reference_model(cfg: TrainConfig, device: torch.device, *, layout: dict,
+                          source: str | None) -> list[torch.nn.Module]:
+    """Frozen model chunks of this rank (same layout as the policy), weights from `source`."""
+    from megatron_keye.models.keye_vl.builder import build_model_chunks
+    from megatron_keye.runtime.checkpoint import Checkpointer
+
+    if not source:
+        raise ValueError("stage.head.preference.reference_load: a frozen reference model needs a "
+                         "checkpoint (reference_load or checkpoint.load)")
+    chunks = build_model_chunks(cfg, device)
+    Checkpointer(cfg.checkpoint, run_config=config_to_dict(cfg), layout=layout).load(
+        source, chunks=chunks, optimizer=None, weights_only=True
+    )
+    for chunk in chunks:
+        chunk.eval()
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+    return chunks
+
+
+def reference_logprobs(step, microbatches: list[dict]) -> list[torch.Tensor] | None:
+    """Full-row log p(label) [b, s] (fp32, CPU) per micro-batch from `step.reference_model`.
+
+    `step` is a `runtime.step.ModelStep` whose `reference_model` holds the reference chunks.
+    Returns the tensors on the last pipeline stage (every TP and CP rank of it), None elsewhere.
+    Positions whose label is ignored (-100) hold 0.
+    """
+    from megatron_keye.runtime.step import _REFERENCE_STASH
+
+    if step.reference_model is None:
+        raise ValueError("reference_logprobs: the model step has no reference model")
+    batches = [dict(mb) for mb in microbatches]
+    step._reference_pass(batches)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    results = []
+    for source in batches:
+        local = source[_REFERENCE_STASH].cpu()
+        if step.cp_size > 1:
+            from megatron_keye.runtime.context_split import row_positions
+
+            group = parallel_state.get_context_parallel_group()
+            local_dev = local.to(_device(group))
+            shares = [torch.empty_like(local_dev) for _ in range(step.cp_size)]
+            dist.all_gather(shares, local_dev, group=group)
+            full = torch.zeros(source["tokens"].shape, dtype=torch.float32)
+            for rank, share in enumerate(shares):
+                positions = row_positions(source, cp_size=step.cp_size, cp_rank=rank)
+                full.scatter_(1, positions.cpu(), share.cpu())
+            local = full
+        results.append(local)
+    return results
+
+
+def _device(group) -> torch.device:
+    from megatron_keye.runtime.comm import comm_device
+
+    return comm_device(group)
