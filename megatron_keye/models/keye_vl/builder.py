@@ -17,7 +17,9 @@ from megatron_keye.models.keye_vl.hf_adapter import (
     tensor_parallel_dim,
 )
 from megatron_keye.models.keye_vl.language import Qwen3LanguageModel, transformer_config
+from megatron_keye.models.keye_vl.projector import Projector
 from megatron_keye.models.keye_vl.specs import layer_offset
+from megatron_keye.models.keye_vl.vision import VisionTower
 
 
 def build_model_chunks(config: TrainConfig, device: torch.device | None = None) -> list:
@@ -59,11 +61,17 @@ def initialize_by_name(chunks: list, *, seed: int) -> None:
     """
     for chunk in chunks:
         module = chunk.module if hasattr(chunk, "module") else chunk
+        # The vision tower and projector split their tensors their own way (plain fc1).
+        vision_params = set()
+        for prefix, sub in module.named_modules():
+            if isinstance(sub, VisionTower | Projector):
+                initialize_vision_by_name(sub, prefix=f"{prefix}.", seed=seed)
+                vision_params.update(id(p) for p in sub.parameters())
         shard = stage_shard(module)
         config = module.config
         tied = getattr(module.model_config, "tie_word_embeddings", False)
         for local_name, param in module.named_parameters():
-            if param.dim() < 2:
+            if param.dim() < 2 or id(param) in vision_params:
                 continue
             name = globalize_layer_key(local_name, shard.layer_offset)
             std = config.init_method_std
@@ -74,6 +82,27 @@ def initialize_by_name(chunks: list, *, seed: int) -> None:
             full = _draw_normal(key, _full_shape(name, param.shape, shard.tp_size), std=std,
                                 seed=seed, device=param.device)
             param.copy_(split_tensor(name, full, shard.tp_rank, shard.tp_size))
+
+
+@torch.no_grad()
+def initialize_vision_by_name(module: VisionTower | Projector, *, prefix: str, seed: int) -> None:
+    """The `initialize_by_name` scheme for a vision tower or projector: every weight matrix
+    drawn whole from (seed, prefix + name), then cut to this rank's tensor-parallel piece, so
+    every TP layout starts from the same weights. Biases and norms keep constructor values."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in module.named_parameters():
+        if param.dim() < 2:
+            continue
+        dim = module.tensor_parallel_dim(name)
+        shape = list(param.shape)
+        if dim is not None:
+            shape[dim] *= tp_size
+        full = _draw_normal(prefix + name, shape, std=module.init_std(name), seed=seed,
+                            device=param.device)
+        if dim is not None:
+            full = full.chunk(tp_size, dim=dim)[tp_rank]
+        param.copy_(full)
 
 
 def _full_shape(name: str, local_shape: torch.Size, tp_size: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""ModuleSpecs for the Qwen3 decoder layer: local (pure torch, any device) and TransformerEngine.
+"""ModuleSpecs for the Qwen3 decoder layer and the ViT layer: local (pure torch, any device) and
+TransformerEngine.
 
 Both specs produce the same parameter names in checkpoints: the local spec maps its norms onto
 TE's fused-norm names (`self_attention.linear_qkv.layer_norm_weight`), so a checkpoint written
@@ -26,7 +27,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_keye.ops.attention.core import CoreAttention
-from megatron_keye.ops.norm import RMSNorm
+from megatron_keye.ops.norm import LayerNorm, RMSNorm
 from megatron_keye.ops.swiglu import SwiGLU
 
 # The local spec's norm parameters use TE's fused-linear names in checkpoints.
@@ -137,3 +138,84 @@ def _mcore_te_specs():
             "model.attention_backend='te' needs TransformerEngine (pip install megatron-keye[gpu])"
         )
     return gpt_layer_specs
+
+
+# --- the vision tower (SigLIP-style ViT) --------------------------------------------------------
+
+
+def vision_local_layer_spec(*, attention_backend: str = "sdpa") -> ModuleSpec:
+    """A pre-LN ViT layer from megatron-core TP layers, our LayerNorm and core attention.
+
+    Bidirectional attention (no mask type); packed images/frames reach the core attention as
+    segments, which it handles without a row-wide mask. The MLP is linear_fc1 → the config's
+    activation (gelu tanh) → linear_fc2, all linears with biases.
+    """
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LayerNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=functools.partial(CoreAttention, backend=attention_backend),
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=LayerNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(_TE_COMPATIBLE_KEYS),
+        ),
+    )
+
+
+def vision_te_layer_spec() -> ModuleSpec:
+    """The same ViT layer on TransformerEngine linears (norms fused into qkv and fc1), keeping
+    our core attention for the 2D RoPE and per-frame varlen attention (GPU clusters)."""
+    _mcore_te_specs()  # refuses clearly without TransformerEngine
+    from megatron.core.extensions.transformer_engine import (
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=functools.partial(CoreAttention, backend="auto"),
+                    linear_proj=TERowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def vision_block_spec(config: TransformerConfig, *, attention_backend: str
+                      ) -> TransformerBlockSubmodules:
+    """Every ViT layer (the tower lives whole on the first pipeline stage) plus post-layernorm."""
+    if attention_backend == "te":
+        layer, final_norm = vision_te_layer_spec(), _mcore_te_specs().TENorm
+    else:
+        layer, final_norm = vision_local_layer_spec(attention_backend=attention_backend), LayerNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers,
+                                      layer_norm=final_norm)

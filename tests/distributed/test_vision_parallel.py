@@ -1,0 +1,48 @@
+"""Vision tower + projector under tensor parallelism equal one process (fp32, relative <= 1e-5).
+
+One spawned world of two gloo ranks runs TP=1 (each rank alone), then TP=2 without and with
+sequence parallelism, on the same random weights (biases and norms included) and inputs: two
+images of different sizes and a video with slow and fast frames. Outputs and every tower and
+projector gradient (after the tensor-parallel reduction `finalize_model_grads` does, pieces
+gathered) must match TP=1 on both ranks; a tower-only input with an odd patch count exercises
+the sequence-parallel padding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_keye.testing.distributed import run_workers
+from tests.distributed.workers_vision import full_vision_weights, vision_case, vision_worker
+
+TOLERANCE = 1e-5
+LAYOUTS = [
+    {"name": "tp1", "tensor": 1},
+    {"name": "tp2", "tensor": 2},
+    {"name": "tp2-sp", "tensor": 2, "sequence_parallel": True},
+]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_workers(vision_worker, 2, layouts=LAYOUTS, case=vision_case(),
+                       weights=full_vision_weights())
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
+def test_tensor_parallel_equals_one_process(results, layout):
+    reference = results[0]["tp1"]
+    assert set(reference["grads"]) == set(full_vision_weights())
+    for rank, per_rank in enumerate(results):
+        got = per_rank[layout]
+        for key in ("features", "embeddings", "odd_features", "odd_pixel_grad"):
+            assert got[key].shape == reference[key].shape, (rank, key)
+            assert _relative(got[key], reference[key]) <= TOLERANCE, (rank, key)
+        for name, grad in reference["grads"].items():
+            assert grad.norm() > 0, name
+            assert _relative(got["grads"][name], grad) <= TOLERANCE, (rank, layout, name)
