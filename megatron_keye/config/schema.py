@@ -198,6 +198,8 @@ class DataConfig:
     pack_open_rows: int = 4  # shards: rows the best-fit packer keeps open per stream
     overlong: Literal["truncate", "drop"] = "truncate"  # shards: a sample longer than a row
     prefetch_rows: int = 4  # shards: rows each worker prepares ahead
+    image_max_tokens: int = 20480  # shards: LLM tokens of one image at most (keye-vl-utils: 20,480)
+    video_max_tokens: int = 65536  # shards: token budget of one video (keye-vl-utils: 65,536)
 
 
 @dataclass(kw_only=True)
