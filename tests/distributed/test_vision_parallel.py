@@ -46,3 +46,17 @@ def test_tensor_parallel_equals_one_process(results, layout):
         for name, grad in reference["grads"].items():
             assert grad.norm() > 0, name
             assert _relative(got["grads"][name], grad) <= TOLERANCE, (rank, layout, name)
+
+
+def test_per_name_init_is_the_same_at_every_tensor_parallel_degree(results):
+    reference = results[0]["tp1"]["init"]
+    matrices = [name for name, value in reference.items() if value.dim() >= 2]
+    assert len(matrices) >= 8
+    assert not torch.equal(reference["vision.encoder.layers.0.mlp.linear_fc1.weight"],
+                           reference["vision.encoder.layers.1.mlp.linear_fc1.weight"])
+    for per_rank in results:
+        for layout in ("tp2", "tp2-sp"):
+            init = per_rank[layout]["init"]
+            assert set(init) == set(reference)
+            for name, value in reference.items():
+                assert torch.equal(init[name], value), (layout, name)

@@ -190,4 +190,32 @@ def vision_worker(*, layouts: list[dict], case: dict, weights: dict) -> dict:
             current = tp
         parallel = ParallelConfig(tensor=tp, sequence_parallel=layout.get("sequence_parallel", False))
         results[layout["name"]] = run_layout(parallel, case, weights)
+        results[layout["name"]]["init"] = initial_weights(parallel)
     return results
+
+
+def initial_weights(parallel) -> dict[str, torch.Tensor]:
+    """Full weights after the per-name init (`initialize_vision_by_name`), pieces gathered."""
+    from megatron.core import parallel_state
+
+    from megatron_keye.models.keye_vl.builder import initialize_vision_by_name
+    from megatron_keye.models.keye_vl.projector import Projector
+    from megatron_keye.models.keye_vl.vision import VisionTower
+
+    vc = vision_config()
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for prefix, module in (("vision.", VisionTower(vc, parallel=parallel)),
+                           ("projector.", Projector(vc, lm_hidden_size=LM_HIDDEN,
+                                                    parallel=parallel))):
+        initialize_vision_by_name(module, prefix=prefix, seed=7)
+        for name, param in module.named_parameters():
+            dim = module.tensor_parallel_dim(name)
+            value = param.detach()
+            if dim is not None and size > 1:
+                pieces = [torch.empty_like(value) for _ in range(size)]
+                dist.all_gather(pieces, value.contiguous(), group=group)
+                value = torch.cat(pieces, dim=dim)
+            out[prefix + name] = value
+    return out

@@ -254,3 +254,24 @@ def test_core_attention_packs_frames_without_a_row_mask(monkeypatch):
     monkeypatch.setattr(masks, "segment_mask", refuse)
     out = attention(q, k, v, None, packed_seq_params=AttentionInputs(segments=seg))
     assert _relative(out, expected) <= 1e-6
+
+
+def test_layouts_and_backends_that_cannot_work_are_refused(monkeypatch):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_keye.config.schema import ParallelConfig
+    from megatron_keye.models.keye_vl.specs import vision_block_spec
+    from megatron_keye.models.keye_vl.vision import (
+        check_vision_config,
+        vision_transformer_config,
+    )
+
+    vc = VisionConfig.from_flavor("tiny")
+    with pytest.raises(ValueError, match=r"parallel.tensor=3 does not divide model.vision"):
+        check_vision_config(vc, ParallelConfig(tensor=3))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        check_vision_config(VisionConfig.from_flavor("tiny", num_attention_heads=8),
+                            ParallelConfig())
+    monkeypatch.setattr(gpt_layer_specs, "HAVE_TE", False)
+    with pytest.raises(ImportError, match="TransformerEngine"):
+        vision_block_spec(vision_transformer_config(vc, ParallelConfig()), attention_backend="te")

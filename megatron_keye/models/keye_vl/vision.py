@@ -68,7 +68,7 @@ def vision_transformer_config(
     The tower is never pipeline- or context-split inside (it lives on the first pipeline stage;
     CP splits whole images between ranks outside it), so those degrees are 1 here.
     """
-    _check_vision_config(vision)
+    check_vision_config(vision, parallel)
     bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
@@ -105,7 +105,15 @@ def vision_transformer_config(
     )
 
 
-def _check_vision_config(vision: VisionConfig) -> None:
+def check_vision_config(vision: VisionConfig, parallel: ParallelConfig) -> None:
+    """Raise a ValueError naming the field when the vision shapes cannot work at this layout
+    (for config validation at start-up, and the modules' constructors)."""
+    tp = parallel.tensor
+    for field, value in (("num_attention_heads", vision.num_attention_heads),
+                         ("ffn_hidden_size", vision.ffn_hidden_size),
+                         ("hidden_size", vision.hidden_size)):
+        if value % tp:
+            raise ValueError(f"parallel.tensor={tp} does not divide model.vision.{field} ({value})")
     if vision.hidden_size % vision.num_attention_heads:
         raise ValueError(
             f"model.vision.hidden_size={vision.hidden_size} is not divisible by "
@@ -160,6 +168,8 @@ class VisionTower(MegatronModule):
             config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size,
             dtype=dtype,
         )
+        # Vectors start at deterministic values (the per-name init redraws only matrices).
+        torch.nn.init.zeros_(self.patch_embedding.bias)
         self.position_embedding = torch.nn.Embedding(config.position_grid**2,
                                                      config.hidden_size, dtype=dtype)
         self.encoder = TransformerBlock(
