@@ -258,11 +258,23 @@ class PreferenceHeadConfig:
 
 
 @dataclass(kw_only=True)
+class RewardHeadConfig:
+    """Options of the `reward` head (Bradley-Terry on chosen/rejected pairs; model.output_head=value)."""
+
+    margin: float = 0.0  # added to each pair's `pair_margin` (if the batch has one): -log σ(r_c - r_r - m)
+    center_coefficient: float = 0.0  # η of the centering term η·(r_c + r_r)² per pair (TRL suggests 0.01)
+    # Tokens with this id are padding: a sample's score is read at its last other token (HF's
+    # "last non-pad token"); None = every token is real (the sample's last token).
+    pad_token_id: int | None = None
+
+
+@dataclass(kw_only=True)
 class HeadConfig:
     """Per-head option sections; a head reads only its own (`heads/base.py`)."""
 
     sft: SFTHeadConfig = field(default_factory=SFTHeadConfig)
     preference: PreferenceHeadConfig = field(default_factory=PreferenceHeadConfig)
+    reward: RewardHeadConfig = field(default_factory=RewardHeadConfig)
 
 
 @dataclass(kw_only=True)

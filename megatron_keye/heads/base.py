@@ -36,8 +36,9 @@ class HeadNeeds:
     """What a head needs from the model step and the batch."""
 
     # logits: vocab-parallel logits [s, b, padded_vocab/tp] (padding columns masked);
-    # hidden: the final (normed) hidden states [s(/tp under SP), b, h] (value heads).
-    output: Literal["logits", "hidden"] = "logits"
+    # hidden: the final (normed) hidden states [s(/tp under SP), b, h];
+    # scores: per-token fp32 scores [s, b] of the model's value head (model.output_head=value).
+    output: Literal["logits", "hidden", "scores"] = "logits"
     reference_logprobs: bool = False  # the batch's `ref_logprobs` (precomputed or a frozen model)
     sample_ids: bool = False  # `sample_ids`: per-sample segment ids of packed rows
     pair_roles: bool = False  # `pair_role`: chosen (1) / rejected (2) per token
