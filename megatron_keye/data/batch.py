@@ -22,7 +22,9 @@ SAMPLE_IDS = "sample_ids"  # int64, optional: packed-sample index within the row
 # every token of a sample carries its role (0 = not part of a pair, e.g. row padding).
 PAIR_ROLE = "pair_role"  # int64, optional: 1 = chosen, 2 = rejected
 REF_LOGPROBS = "ref_logprobs"  # float32, optional: reference model's log p(label) per token
-TOKEN_FIELDS = (TOKENS, LABELS, LOSS_WEIGHTS, SAMPLE_IDS, PAIR_ROLE, REF_LOGPROBS)
+# Reward pairs: the pair's Bradley-Terry margin on every token of its chosen sample (0 elsewhere).
+PAIR_MARGIN = "pair_margin"  # float32, optional
+TOKEN_FIELDS = (TOKENS, LABELS, LOSS_WEIGHTS, SAMPLE_IDS, PAIR_ROLE, REF_LOGPROBS, PAIR_MARGIN)
 CHOSEN, REJECTED = 1, 2
 
 # --- [3, b, s] M-RoPE (t, h, w) ids; text tokens carry three equal rows ------------------------
