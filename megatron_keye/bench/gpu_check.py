@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows, failures, notes = run_checks(args, flavors)
     print(format_table(rows), flush=True)
+    from megatron_keye.bench.cp_kernels import check_block_kernels, format_rows
+
+    kernel_rows = check_block_kernels("cpu" if args.cpu_dry_run else "cuda",
+                                      dtype=torch.float32 if args.cpu_dry_run else torch.bfloat16)
+    print(format_rows(kernel_rows), flush=True)
+    rows = rows + [{"passed": r["passed"]} for r in kernel_rows]
     for note in notes:
         print(note, flush=True)
     for flavor, what, record in failures:

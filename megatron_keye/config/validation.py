@@ -144,12 +144,6 @@ def _validate_context_parallel(config: TrainConfig) -> None:
             + (" x parallel.tensor (sequence parallel)" if sp else "")
             + f" = {multiple}: each rank holds two of 2 x context zig-zag chunks",
         )
-    if m.attention_backend in ("flash", "te"):
-        raise ConfigError(
-            "model.attention_backend",
-            f"{m.attention_backend!r} has no context-parallel path here yet; use 'auto' or "
-            f"'sdpa' with parallel.context > 1",
-        )
     a2a = {"a2a": p.context, "a2a+p2p": p.cp_a2a_size}.get(p.cp_comm)
     if a2a:
         kv_heads, heads = m.num_query_groups // p.tensor, m.num_attention_heads // p.tensor

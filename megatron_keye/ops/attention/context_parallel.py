@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_keye.ops.attention.local_kernels import (
+    block_flash_usable,
     flash_block_backward,
     flash_block_forward,
     masked_block_backward,
@@ -142,20 +143,23 @@ def _row_groups(layout):
 
 
 def block_plan(q_pos, k_pos, q_seg, k_seg, *, causal: bool, cp_size: int, q_rank: int,
-               k_rank: int, q_layout=False):
+               k_rank: int, q_layout=False, flash: bool | None = None):
     """How this rank's queries meet one rank's K/V block: a list of
     (row slice, q slice, k slice, kind, mask).
 
     kind is "full" (flash, unmasked), "causal" (flash, aligned causal) or "masked" (explicit
     mask over all rows); an empty list means no query sees any key of the block. Flash is chosen
-    only where it is exact: CPU tensors, and both sides in the (per-sample, for packed rows)
+    only where a flash block kernel takes the tensors (`flash`; default: CPU, where torch's own
+    does; on GPUs `block_flash_usable`) and it is exact: both sides in the (per-sample, for packed rows)
     zig-zag layout, so each sample meets the same sample's chunks by the balanced schedule: own
     chunks causal; an earlier rank's first chunk seen by all the sample's queries (its second
     chunk follows both of ours); a later rank's chunks (both between our two) seen by the
     sample's second-chunk queries only. `q_layout` = `zigzag_layout` of the queries if known.
     """
     everything = slice(None)
-    if q_pos.device.type == "cpu":  # the flash block kernel is torch's CPU one
+    if flash is None:
+        flash = q_pos.device.type == "cpu"
+    if flash:
         if q_seg is None and not causal:
             return [(everything, everything, everything, "full", None)]
         if q_layout is False:
@@ -217,7 +221,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, positions, segments, causal, scale, group):
         size, rank, send_to, recv_from = _ring_peers(group)
         seg_q = None if segments is None else segments.long()
-        layout = zigzag_layout(positions, seg_q, size, rank) if q.device.type == "cpu" else None
+        flash = block_flash_usable(q)
+        layout = zigzag_layout(positions, seg_q, size, rank) if flash else None
         b, h, sq, d = q.shape
         out = torch.zeros(b, h, sq, d, dtype=torch.float32, device=q.device)
         lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -229,7 +234,7 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % size
             plan = block_plan(positions, meta[0], seg_q, meta[1] if seg_q is not None else None,
                               causal=causal, cp_size=size, q_rank=rank, k_rank=src,
-                              q_layout=layout)
+                              q_layout=layout, flash=flash)
             for rs, qs, ks, kind, mask in plan:
                 qq, kk, vv = q[rs, :, qs], kv[0][rs, :, ks], kv[1][rs, :, ks]
                 if kind == "masked":
@@ -244,6 +249,7 @@ class _RingAttention(torch.autograd.Function):
                 kv, meta = next_kv, next_meta
         ctx.save_for_backward(q, k, v, positions, segments, out, lse)
         ctx.causal, ctx.scale, ctx.group, ctx.layout = causal, scale, group, layout
+        ctx.flash = flash
         return out.to(q.dtype)
 
     @staticmethod
@@ -265,7 +271,7 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % size
             plan = block_plan(positions, meta[0], seg_q, meta[1] if seg_q is not None else None,
                               causal=causal, cp_size=size, q_rank=rank, k_rank=src,
-                              q_layout=ctx.layout)
+                              q_layout=ctx.layout, flash=ctx.flash)
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
             for rs, qs, ks, kind, mask in plan:
                 qq, kk, vv = q[rs, :, qs], kv[0][rs, :, ks], kv[1][rs, :, ks]

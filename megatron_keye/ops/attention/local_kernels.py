@@ -9,15 +9,18 @@ the output with its log-sum-exp [b, h, sq] (fp32):
 - `masked_block_forward` / `masked_block_backward`: an explicit boolean mask [b, 1|h, sq, sk]
   (True = attend); a query row with nothing allowed in the block gets lse = -inf and contributes
   nothing (no NaN forward or backward). Scores of this one block are formed.
-- `flash_block_forward` / `flash_block_backward`: torch's CPU flash kernel
-  (`aten._scaled_dot_product_flash_attention_for_cpu`), either unmasked or causal with aligned
-  query/key indices; no score matrix. The kernel has no GQA: unmasked blocks fold the query heads
-  of one K/V head into the sequence, causal blocks expand K/V.
+- `flash_block_forward` / `flash_block_backward`: a flash kernel, either unmasked or causal with
+  aligned query/key indices; no score matrix. On CPU torch's own
+  (`aten._scaled_dot_product_flash_attention_for_cpu`, which has no GQA: unmasked blocks fold the
+  query heads of one K/V head into the sequence, causal blocks expand K/V); on GPUs flash-attn's
+  (`flash_blocks`, where `block_flash_usable`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_keye.ops.attention import flash_blocks
 
 _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -92,9 +95,17 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unsqueeze(2).expand(b, kv, heads // kv, s, d).reshape(b, heads, s, d)
 
 
+def block_flash_usable(q: torch.Tensor) -> bool:
+    """Whether a flash block kernel takes these queries: always on CPU; on GPUs flash-attn in
+    fp16/bf16 (otherwise the masked kernel runs)."""
+    return q.device.type == "cpu" or flash_blocks.usable(q)
+
+
 def flash_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse fp32) of q against the whole block; causal = query i sees keys 0..i (sq == sk)."""
+    if q.device.type != "cpu":
+        return flash_blocks.block_forward(q, k, v, causal=causal, scale=scale)
     b, h, sq, d = q.shape
     kv = k.size(1)
     if causal:
@@ -110,6 +121,9 @@ def flash_block_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, causal: bool,
                          scale: float):
     """(dq, dk, dv) of this block given the MERGED output and log-sum-exp of the queries."""
+    if q.device.type != "cpu":
+        return flash_blocks.block_backward(grad_out, q, k, v, out, lse, causal=causal,
+                                           scale=scale)
     b, h, sq, d = q.shape
     kv = k.size(1)
     out, lse = out.to(q.dtype), lse.float()
