@@ -81,6 +81,8 @@ BAD_LINES = [
     (json.dumps({"text": LONG_TEXT}), fmt.REJECT_TOO_MANY_TOKENS),
     (json.dumps({"prompt": "q", "chosen": "", "rejected": "b"}), fmt.REJECT_NO_ASSISTANT),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), fmt.REJECT_BAD_FIELD),
+    (json.dumps({"messages": [{"role": "user", "content": "hi <|image_pad|>"},
+                              {"role": "assistant", "content": "x"}]}), fmt.REJECT_SPECIAL_TOKEN),
 ]
 
 
@@ -277,7 +279,7 @@ def test_cli_preprocess(corpus, tmp_path, capsys):
                      "--workers", "0", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "rejected: 11" in printed and "complete" in printed
+    assert f"rejected: {len(BAD_LINES)}" in printed and "complete" in printed
     assert (out / "train.index.json").exists()
     assert cli.main(["preprocess", "--input", str(tmp_path / "nope.jsonl"),
                      "--output-dir", str(out / "x")]) == 2

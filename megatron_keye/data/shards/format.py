@@ -84,11 +84,13 @@ REJECT_UNREADABLE_MEDIA = "unreadable_media"  # a media file cannot be decoded
 REJECT_MEDIA_MISMATCH = "media_mismatch"  # <image>/<video> tags and media lists disagree
 REJECT_NO_ASSISTANT = "no_assistant_turn"  # a conversation (or pair side) without an answer
 REJECT_TOO_MANY_TOKENS = "too_many_tokens"  # token_estimate above the configured maximum
+REJECT_SPECIAL_TOKEN = "special_token_in_text"  # text spells a structural token (<|im_start|>,
+# <|image_pad|>, ...) that would corrupt the template or the vision placeholders
 REJECT_INTERNAL = "internal_error"  # an unexpected exception while converting (a bug: report it)
 REJECT_REASONS = (
     REJECT_BAD_JSON, REJECT_UNKNOWN_FORMAT, REJECT_BAD_FIELD, REJECT_MISSING_MEDIA,
     REJECT_UNREADABLE_MEDIA, REJECT_MEDIA_MISMATCH, REJECT_NO_ASSISTANT, REJECT_TOO_MANY_TOKENS,
-    REJECT_INTERNAL,
+    REJECT_SPECIAL_TOKEN, REJECT_INTERNAL,
 )
 
 

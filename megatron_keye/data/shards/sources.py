@@ -29,6 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_keye.data.shards import format as fmt
+from megatron_keye.data.text.tokenizer import (
+    ENDOFTEXT,
+    FAST_END,
+    FAST_START,
+    FRAME,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+)
 
 ROLE_ALIASES = {
     "system": fmt.ROLE_SYSTEM,
@@ -292,6 +304,21 @@ def vision_token_estimate(item: fmt.MediaItem) -> int:
 
 # ---- the whole conversion -----------------------------------------------------------------------
 
+# Tokens the template and the vision expansion place; text must not spell them (<think> and
+# </think> are allowed: answers carry them).
+STRUCTURAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD,
+                     FRAME, FAST_START, FAST_END)
+
+
+def _check_special_tokens(encoded: list[list[int]], tokenizer) -> None:
+    forbidden = {tokenizer.special_token_id(t): t for t in STRUCTURAL_TOKENS}
+    for ids in encoded:
+        hit = next((i for i in ids if i in forbidden), None)
+        if hit is not None:
+            raise RejectError(fmt.REJECT_SPECIAL_TOKEN,
+                              f"the text contains {forbidden[hit]!r}")
+
+
 def _has_answer(messages: list) -> bool:
     return any(role == fmt.ROLE_ASSISTANT and any(
         (isinstance(p, str) and p.strip()) or isinstance(p, tuple) for p in parts)
@@ -341,7 +368,9 @@ def convert_line(line: str, *, key: str, file: str, line_number: int,
         return out
 
     built = [build(messages), build(chosen), build(rejected)]
-    ids = iter(tokenizer.encode_batch(texts) if texts else [])
+    encoded = tokenizer.encode_batch(texts) if texts else []
+    _check_special_tokens(encoded, tokenizer)
+    ids = iter(encoded)
     sides = []
     text_tokens = 0
     for turns in built:
