@@ -217,3 +217,41 @@ def build_vision_batch(
 def one_per_row(samples: Sequence[VisionSample]) -> list[list[VisionSample]]:
     """`rows` for `build_vision_batch` with every sample in a row of its own."""
     return [[sample] for sample in samples]
+
+
+def select_rows(batch: dict[str, torch.Tensor], start: int, stop: int, *, image_token_id: int,
+                video_token_id: int, merge_size: int = MERGE_SIZE) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a batch with just their images and frames (data-parallel shares,
+    micro-batches). A vision item belongs to the row holding its pads: items are taken in
+    order, each row consuming as many as its pad count covers (rows must hold whole items)."""
+    out = {}
+    for key, value in batch.items():
+        if key in (PIXEL_VALUES, VISION_GRIDS):
+            continue
+        out[key] = value[:, start:stop] if key == POSITION_IDS else value[start:stop]
+    if VISION_GRIDS not in batch:
+        return out
+    grids = batch[VISION_GRIDS]
+    pads = ((batch[TOKENS] == image_token_id) | (batch[TOKENS] == video_token_id)).sum(dim=1)
+    tokens = (grids.prod(dim=1) // (merge_size * merge_size)).tolist()
+    patches = grids.prod(dim=1).tolist()
+    bounds = [0]  # first item of each row
+    item = 0
+    for row, count in enumerate(pads.tolist()):
+        left = count
+        while left > 0 and item < len(tokens):
+            left -= tokens[item]
+            item += 1
+        if left != 0:
+            raise ValueError(f"batch row {row}: its {count} image/video pads do not cover whole "
+                             f"vision items of vision_grids")
+        bounds.append(item)
+    if item != len(tokens):
+        raise ValueError(f"batch: vision items from item {item} on have no image/video pads")
+    first, last = bounds[start], bounds[stop]
+    if first < last:
+        patch_start = sum(patches[:first])
+        patch_stop = patch_start + sum(patches[first:last])
+        out[PIXEL_VALUES] = batch[PIXEL_VALUES][patch_start:patch_stop]
+        out[VISION_GRIDS] = grids[first:last]
+    return out

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_keye.data.batch import REF_LOGPROBS
+from megatron_keye.data.batch import REF_LOGPROBS, VISION_FIELDS
 from megatron_keye.heads import LossHead
 from megatron_keye.heads.base import report_entry
 from megatron_keye.runtime.comm import all_reduce_values
@@ -108,8 +108,7 @@ class ModelStep:
         def forward_step(data_iterator, model):
             source = next(data_iterator)
             batch = self._device_batch(source)
-            output = model(batch["tokens"], batch["position_ids"],
-                           segments=batch.get("sample_ids"), positions=batch.get("positions"))
+            output = _model_forward(model, batch)
 
             def stash(output):
                 logp, _ = vocab_parallel_logprobs(output, batch["labels"].transpose(0, 1),
@@ -145,8 +144,7 @@ class ModelStep:
 
     def _forward_step(self, data_iterator, model):
         batch = self._device_batch(next(data_iterator))
-        output = model(batch["tokens"], batch["position_ids"],
-                       segments=batch.get("sample_ids"), positions=batch.get("positions"))
+        output = _model_forward(model, batch)
         return output, functools.partial(self._compute_loss, batch)
 
     def _compute_loss(self, batch, output):
@@ -173,6 +171,17 @@ class ModelStep:
             vec, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
         )
         return {name: (vec[2 * i].item(), vec[2 * i + 1].item()) for i, name in enumerate(names)}
+
+
+def _model_forward(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One model chunk on a (CP-cut) micro-batch; images and video frames (the whole
+    micro-batch's, never CP-cut) go to a vision model, which uses them on its first stage."""
+    vision = {name: batch[name] for name in VISION_FIELDS if name in batch}
+    if vision and not getattr(getattr(model, "module", model), "consumes_vision", False):
+        raise ValueError(f"batch has {sorted(vision)} but the model has no vision tower "
+                         f"(model.vision is not set)")
+    return model(batch["tokens"], batch["position_ids"], segments=batch.get("sample_ids"),
+                 positions=batch.get("positions"), **vision)
 
 
 def _broadcast_names(names: list[str]) -> list[str]:

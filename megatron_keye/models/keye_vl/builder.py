@@ -23,13 +23,21 @@ from megatron_keye.models.keye_vl.vision import VisionTower
 
 
 def build_model_chunks(config: TrainConfig, device: torch.device | None = None) -> list:
-    """One `Qwen3LanguageModel` per virtual stage of this pipeline rank, on `device`."""
+    """One model per virtual stage of this pipeline rank, on `device`: `Qwen3LanguageModel`,
+    or `KeyeVLModel` (vision tower + projector on the first stage) when `model.vision` is set."""
     tconfig = transformer_config(config.model, config.parallel, precision=config.precision)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    vision = {}
+    model_class = Qwen3LanguageModel
+    if config.model.vision is not None:
+        from megatron_keye.models.keye_vl.model import KeyeVLModel
+
+        model_class = KeyeVLModel
+        vision = {"parallel": config.parallel, "precision": config.precision}
     chunks = []
     for v in range(vpp or 1):
         vp_stage = v if vpp else None
-        chunk = Qwen3LanguageModel(
+        chunk = model_class(
             tconfig,
             model=config.model,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -37,6 +45,7 @@ def build_model_chunks(config: TrainConfig, device: torch.device | None = None) 
             vp_stage=vp_stage,
             cp_comm=config.parallel.cp_comm,
             cp_a2a_size=config.parallel.cp_a2a_size,
+            **vision,
         )
         if device is not None and device.type != "cpu":
             chunk = chunk.to(device)

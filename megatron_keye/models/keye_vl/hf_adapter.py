@@ -16,6 +16,9 @@ pipeline (virtual) stage holds; `merge_tensor_shards` is its inverse. Layout fac
   same tensor under both `embedding.word_embeddings.weight` and `output_layer.weight`: a one-stage
   model has no output-layer parameter and ignores the second name, while the last stage of a
   pipeline loads its copy of the shared weight from it.
+- A Keye-VL model (`model.vision` set) adds the vision tower and projector (`hf_vision.py`:
+  `visual.vision_model.*`, `mlp_AR.*` ⇄ `vision.*`, `projector.*`, first stage only); the
+  language part keeps exactly the Qwen3ForCausalLM names, so transformers loads it alone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_keye.config.schema import ModelConfig
+from megatron_keye.models.keye_vl import hf_vision
 
 LAYER_PREFIX = "decoder.layers."
 
@@ -81,6 +85,8 @@ def hf_to_native(
         _check_hf_names(hf, model)
         layers = range(model.num_layers)
     out = {native: hf[name] for native, name in _GLOBAL_DIRECT.items() if name in hf}
+    if model.vision is not None and hf_vision.KEYE_PATCH_EMBEDDING in hf:
+        out.update(hf_vision.vision_hf_to_native(hf, model.vision))
     if model.tie_word_embeddings:
         out.pop("output_layer.weight", None)
     for key in _VOCAB_ROWS:
@@ -117,6 +123,8 @@ def hf_names_for_stage(model: ModelConfig, shard: StageShard) -> list[str]:
             names.append(head)
     for i in range(shard.layer_offset, shard.layer_offset + shard.num_layers):
         names += [f"model.layers.{i}.{n}" for n in _hf_layer_names()]
+    if shard.pre_process and model.vision is not None:
+        names += hf_vision.hf_vision_names(model.vision)
     return names
 
 
@@ -148,6 +156,8 @@ def native_to_hf(native: Mapping[str, torch.Tensor], model: ModelConfig) -> dict
         gate, up = native[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate
         out[dst + "mlp.up_proj.weight"] = up
+    if model.vision is not None:
+        out.update(hf_vision.vision_native_to_hf(native, model.vision))
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -201,7 +211,25 @@ def globalize_layer_key(local_key: str, layer_offset: int) -> str:
 
 
 def hf_config_dict(model: ModelConfig) -> dict:
-    """A transformers Qwen3Config (as a dict) for these model shapes."""
+    """A transformers Qwen3Config (as a dict) for these model shapes; for a Keye-VL model the
+    Keye-VL-1.5 config.json (the same flat text keys plus the vision section, spec section 3)."""
+    text = _text_config_dict(model)
+    if model.vision is None:
+        return text
+    return {
+        **text,
+        "architectures": ["KeyeVL1_5ForConditionalGeneration"],
+        "model_type": "KeyeVL1_5",
+        "image_token_id": model.image_token_id,
+        "video_token_id": model.video_token_id,
+        "vision_start_token_id": model.vision_start_token_id,
+        "vision_end_token_id": model.vision_end_token_id,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(model.mrope_section)},
+        "vision_config": hf_vision.hf_vision_config_dict(model.vision),
+    }
+
+
+def _text_config_dict(model: ModelConfig) -> dict:
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -248,6 +276,12 @@ def model_fields_from_hf_config(hf: Mapping) -> dict:
         h = (half - t) // 2
         sections = [t, h, half - t - h]
     fields["mrope_section"] = list(sections)
+    if "vision_config" in hf:
+        fields["vision"] = hf_vision.vision_fields_from_hf_config(hf)
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id"):
+            if key in hf:
+                fields[key] = int(hf[key])
     return fields
 
 
@@ -288,6 +322,8 @@ def cut_vocab_rows(tensor: torch.Tensor, model: ModelConfig) -> torch.Tensor:
 
 
 def _split_rule(key: str):
+    if hf_vision.is_vision_key(key):
+        return hf_vision.tensor_parallel_dim(key)
     for suffix, how in _TP_SPLIT.items():
         if key.endswith(suffix):
             return how
@@ -295,7 +331,7 @@ def _split_rule(key: str):
 
 
 def _localize(key: str, shard: StageShard) -> str | None:
-    if key.startswith("embedding."):
+    if key.startswith("embedding.") or hf_vision.is_vision_key(key):
         return key if shard.pre_process else None
     if key.startswith("output_layer.") or key.startswith("decoder.final_layernorm."):
         return key if shard.post_process else None
@@ -313,6 +349,9 @@ def _check_hf_names(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
     for i in range(model.num_layers):
         expected.update(f"model.layers.{i}.{n}" for n in _hf_layer_names())
     present = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
+    if model.vision is not None:
+        expected.update(hf_vision.hf_vision_names(model.vision))
+        present = {k for k in present if not hf_vision.is_dropped(k)}
     head, embedding = _GLOBAL_DIRECT["output_layer.weight"], _GLOBAL_DIRECT["embedding.word_embeddings.weight"]
     if model.tie_word_embeddings:
         expected.discard(head)
