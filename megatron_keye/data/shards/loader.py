@@ -259,13 +259,11 @@ class ShardBatchLoader:
         dist.all_gather_object(out, value, group=self.dp_group)
         return out
 
-    def state_dict(self) -> dict:
-        """The global loader position (collective over the data-parallel group)."""
-        mine = {s: self.stream_states[s] for s in self.local_streams if s in self.stream_states}
+    def local_state_dict(self) -> dict:
+        """This rank's part of the position (its streams only); `merge_states` joins the parts."""
         streams: list[dict | None] = [None] * self.plan.num_streams
-        for part in self._gather(mine):
-            for s, state in part.items():
-                streams[s] = state
+        for s in self.local_streams:
+            streams[s] = self.stream_states.get(s)
         return {
             "version": STATE_VERSION,
             "kind": "shards",
@@ -275,6 +273,10 @@ class ShardBatchLoader:
             "rows_consumed": self.rows_consumed,
             "streams": streams,
         }
+
+    def state_dict(self) -> dict:
+        """The global loader position (collective over the data-parallel group)."""
+        return merge_states(self._gather(self.local_state_dict()))
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position (any data-parallel size that divides the streams)."""
@@ -326,6 +328,21 @@ class ShardBatchLoader:
         if self._progress_dir:
             shutil.rmtree(self._progress_dir, ignore_errors=True)
             self._progress_dir = None
+
+
+def merge_states(parts: list[dict]) -> dict:
+    """One global loader state from the per-rank parts of one step (each stream from its owner)."""
+    merged = dict(parts[0])
+    streams = list(merged["streams"])
+    for part in parts[1:]:
+        if part["rows_consumed"] != merged["rows_consumed"]:
+            raise ValueError(f"loader states of different steps: rows {part['rows_consumed']} "
+                             f"and {merged['rows_consumed']}")
+        for s, state in enumerate(part["streams"]):
+            if state is not None:
+                streams[s] = state
+    merged["streams"] = streams
+    return merged
 
 
 def _with_streams(plan: LoaderPlan, num_streams: int) -> LoaderPlan:
