@@ -16,6 +16,8 @@ pipeline (virtual) stage holds; `merge_tensor_shards` is its inverse. Layout fac
   same tensor under both `embedding.word_embeddings.weight` and `output_layer.weight`: a one-stage
   model has no output-layer parameter and ignores the second name, while the last stage of a
   pipeline loads its copy of the shared weight from it.
+- A value (reward) model (`model.output_head: value`) has `value_head.weight` [1, h] instead of
+  an output layer, ⇄ Qwen3ForSequenceClassification's `score.weight` (num_labels = 1).
 - A Keye-VL model (`model.vision` set) adds the vision tower and projector (`hf_vision.py`:
   `visual.vision_model.*`, `mlp_AR.*` ⇄ `vision.*`, `projector.*`, first stage only); the
   language part keeps exactly the Qwen3ForCausalLM names, so transformers loads it alone.
@@ -49,6 +51,7 @@ _GLOBAL_DIRECT = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
+VALUE_HEAD, HF_SCORE = "value_head.weight", "score.weight"
 # How each native tensor is split over tensor-parallel ranks: dim, or "fc1" for [gate; up].
 _TP_SPLIT = {
     "embedding.word_embeddings.weight": 0,
@@ -87,12 +90,15 @@ def hf_to_native(
     out = {native: hf[name] for native, name in _GLOBAL_DIRECT.items() if name in hf}
     if model.vision is not None and hf_vision.KEYE_PATCH_EMBEDDING in hf:
         out.update(hf_vision.vision_hf_to_native(hf, model.vision))
-    if model.tie_word_embeddings:
+    value = model.output_head == "value"
+    if model.tie_word_embeddings or value:
         out.pop("output_layer.weight", None)
+    if value and HF_SCORE in hf:
+        out[VALUE_HEAD] = hf[HF_SCORE]
     for key in _VOCAB_ROWS:
         if key in out:
             out[key] = pad_vocab_rows(out[key], model)
-    if model.tie_word_embeddings and "embedding.word_embeddings.weight" in out:
+    if model.tie_word_embeddings and not value and "embedding.word_embeddings.weight" in out:
         out["output_layer.weight"] = out["embedding.word_embeddings.weight"]
     groups, per_group = model.num_query_groups, model.num_attention_heads // model.num_query_groups
     hd, h = model.head_dim, model.hidden_size
@@ -114,6 +120,8 @@ def hf_names_for_stage(model: ModelConfig, shard: StageShard) -> list[str]:
     """The HF tensor names one pipeline stage needs."""
     embedding = _GLOBAL_DIRECT["embedding.word_embeddings.weight"]
     head = embedding if model.tie_word_embeddings else _GLOBAL_DIRECT["output_layer.weight"]
+    if model.output_head == "value":
+        head = HF_SCORE
     names = []
     if shard.pre_process:
         names.append(embedding)
@@ -139,6 +147,9 @@ def native_to_hf(native: Mapping[str, torch.Tensor], model: ModelConfig) -> dict
     """Qwen3ForCausalLM state dict from a full native state dict (padding rows cut)."""
     out = {}
     for key, name in _GLOBAL_DIRECT.items():
+        if key == "output_layer.weight" and model.output_head == "value":
+            out[HF_SCORE] = native[VALUE_HEAD]
+            continue
         if key == "output_layer.weight" and model.tie_word_embeddings:
             continue  # transformers ties lm_head to embed_tokens itself
         out[name] = cut_vocab_rows(native[key], model) if key in _VOCAB_ROWS else native[key]
@@ -214,6 +225,9 @@ def hf_config_dict(model: ModelConfig) -> dict:
     """A transformers Qwen3Config (as a dict) for these model shapes; for a Keye-VL model the
     Keye-VL-1.5 config.json (the same flat text keys plus the vision section, spec section 3)."""
     text = _text_config_dict(model)
+    if model.output_head == "value":
+        text.update(architectures=["Qwen3ForSequenceClassification"],
+                    id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if model.vision is None:
         return text
     return {
@@ -276,6 +290,8 @@ def model_fields_from_hf_config(hf: Mapping) -> dict:
         h = (half - t) // 2
         sections = [t, h, half - t - h]
     fields["mrope_section"] = list(sections)
+    if any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        fields["output_head"] = "value"
     if "vision_config" in hf:
         fields["vision"] = hf_vision.vision_fields_from_hf_config(hf)
         for key in ("image_token_id", "video_token_id", "vision_start_token_id",
@@ -333,7 +349,7 @@ def _split_rule(key: str):
 def _localize(key: str, shard: StageShard) -> str | None:
     if key.startswith("embedding.") or hf_vision.is_vision_key(key):
         return key if shard.pre_process else None
-    if key.startswith("output_layer.") or key.startswith("decoder.final_layernorm."):
+    if key.startswith(("output_layer.", "value_head.", "decoder.final_layernorm.")):
         return key if shard.post_process else None
     if key.startswith(LAYER_PREFIX):
         index, rest = key[len(LAYER_PREFIX) :].split(".", 1)
@@ -353,7 +369,10 @@ def _check_hf_names(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
         expected.update(hf_vision.hf_vision_names(model.vision))
         present = {k for k in present if not hf_vision.is_dropped(k)}
     head, embedding = _GLOBAL_DIRECT["output_layer.weight"], _GLOBAL_DIRECT["embedding.word_embeddings.weight"]
-    if model.tie_word_embeddings:
+    if model.output_head == "value":
+        expected.discard(head)
+        expected.add(HF_SCORE)
+    elif model.tie_word_embeddings:
         expected.discard(head)
         if head in present:  # a tied state dict may list the shared matrix twice
             if embedding in hf and not torch.equal(hf[head], hf[embedding]):
