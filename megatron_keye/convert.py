@@ -175,6 +175,9 @@ def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None,
     hf_config["torch_dtype"] = HF_DTYPE_NAMES[dtype]
     if tokenizer_dir:
         _copy_tokenizer(Path(tokenizer_dir), out, hf_config)
+    if config.model.output_head == "value" and config.stage.head.reward.pad_token_id is not None:
+        # Sequence classification reads the last non-pad token: the padding the RM trained with.
+        hf_config["pad_token_id"] = config.stage.head.reward.pad_token_id
     with open(out / "config.json", "w") as f:
         json.dump(hf_config, f, indent=2)
     return out
