@@ -9,9 +9,10 @@ on any device, independent of the allocator's caching and of other processes sha
 machine. Tensors that live only briefly inside the forward (e.g. bf16 logits before their fp32
 copy) are not in it: the planner's `transient` term models those separately.
 
-The caller provides the process group: `measure_activation_bytes` needs megatron-core's parallel
-state initialized (a world of one is enough: `ParallelDims().initialize(seed=0)`), so a test runs
-it in a spawned process (`megatron_keye.testing.distributed.run_workers`).
+The caller provides the process groups: `measure_activation_bytes` needs megatron-core's parallel
+state initialized for its layout (`measure_worker` does it: a world of TP x PP ranks), so a test
+runs it in spawned processes (`megatron_keye.testing.distributed.run_workers`). Each rank counts
+its own saved tensors, which is what the planner predicts per rank.
 """
 
 from __future__ import annotations
@@ -54,14 +55,18 @@ class SavedTensorCounter:
 
 def measure_activation_bytes(*, flavor: str = "tiny", seq: int = 256, micro_batch: int = 2,
                              precision: str = "fp32", recompute: str = "none",
-                             with_loss: bool = True, seed: int = 0) -> dict:
-    """Bytes saved for backward by one forward (+ LM loss) of `flavor` on this process's device.
+                             with_loss: bool = True, seed: int = 0, tensor: int = 1,
+                             sequence_parallel: bool = False, pipeline: int = 1) -> dict:
+    """Bytes saved for backward by one forward (+ LM loss) of `flavor` on this rank.
 
-    Needs megatron-core's parallel state (a world of one). Also runs the backward pass so the
-    measurement is of a real training step. Returns total bytes and the largest saved shapes.
+    Needs megatron-core's parallel state for the layout (`tensor` x `pipeline` ranks; see
+    `measure_worker`). A pipeline stage other than the first is fed a random hidden-state input
+    as its previous stage would send it; one that is not last sums its output instead of a loss.
+    Also runs the backward pass so the measurement is of a real training step. Returns total
+    bytes, the pipeline stage and the largest saved shapes.
     """
     import torch
-    from megatron.core import tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel
 
     from megatron_keye.config import load_config
     from megatron_keye.models.keye_vl.builder import build_model_chunks
@@ -69,33 +74,46 @@ def measure_activation_bytes(*, flavor: str = "tiny", seq: int = 256, micro_batc
     config = load_config(None, [
         f"model.flavor={flavor}", f"precision={precision}", f"data.seq_length={seq}",
         f"schedule.micro_batch_size={micro_batch}", "logging.wandb_mode=disabled",
+        f"model.recompute={recompute}", f"parallel.tensor={tensor}",
+        f"parallel.pipeline={pipeline}",
+        f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
     ])
     (model,) = build_model_chunks(config)
     model.train()
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.model.vocab_size, (micro_batch, seq), generator=generator)
     labels = torch.randint(0, config.model.vocab_size, (seq, micro_batch), generator=generator)
     positions = torch.arange(seq).expand(3, micro_batch, seq).contiguous()
     params = list(model.parameters())
+    if not first:
+        rows = seq // tensor if sequence_parallel else seq
+        hidden = torch.randn(rows, micro_batch, config.model.hidden_size, generator=generator,
+                             dtype=params[0].dtype, requires_grad=True)
+        model.set_input_tensor(hidden)
     with SavedTensorCounter(exclude=params) as counter:
-        logits = model(ids, positions)
-        if with_loss:
-            loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).sum()
+        output = model(ids, positions)
+        if last and with_loss:
+            loss = tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels).sum()
         else:
-            loss = logits.float().sum()
-    del logits
+            loss = output.float().sum()
+    del output
     loss.backward()
     largest = sorted(counter.by_shape.items(), key=lambda kv: -kv[1])[:12]
+    stage = "only" if first and last else "first" if first else "last" if last else "middle"
     return {
         "bytes": counter.total_bytes,
+        "stage": stage,
         "tensors": len(counter.storages),
         "largest": [{"shape": list(s), "dtype": d, "bytes": b} for (s, d), b in largest],
     }
 
 
-def measure_worker(**kwargs) -> dict:
-    """`measure_activation_bytes` in a fresh world of one (for `run_workers(..., 1)`)."""
+def measure_worker(*, tensor: int = 1, pipeline: int = 1, **kwargs) -> dict:
+    """`measure_activation_bytes` on every rank of a fresh `tensor` x `pipeline` world (for
+    `run_workers(..., tensor * pipeline)`)."""
     from megatron_keye.runtime.parallel import ParallelDims
 
-    ParallelDims().initialize(seed=0)
-    return measure_activation_bytes(**kwargs)
+    ParallelDims(tensor=tensor, pipeline=pipeline).initialize(seed=0)
+    return measure_activation_bytes(tensor=tensor, pipeline=pipeline, **kwargs)

@@ -242,11 +242,14 @@ def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: st
 
 
 def predicted_activation_bytes(shape: ModelShape, *, seq: int, micro_batch: int,
-                               precision: str = "fp32", recompute: str = "none") -> float:
-    """Saved-for-backward bytes of one forward + loss on a single process (no parallelism):
-    what `measure.measure_activation_bytes` measures."""
-    layout = Layout(tp=1, cp=1, pp=1, dp=1, sequence_parallel=False, recompute=recompute,
-                    micro_batch=micro_batch)
-    m = predict_memory(shape, layout, seq=seq, precision=precision, stage="only")
-    ids = micro_batch * seq * 8  # the embedding lookup keeps its int64 token ids
+                               precision: str = "fp32", recompute: str = "none", tp: int = 1,
+                               sequence_parallel: bool = False, pp: int = 1,
+                               stage: str = "only") -> float:
+    """Saved-for-backward bytes of one forward + loss of one micro-batch on one rank of a
+    TP x PP layout's `stage` ("only" without PP, else "first" | "last"): what
+    `measure.measure_activation_bytes` measures on that rank."""
+    layout = Layout(tp=tp, cp=1, pp=pp, dp=1, sequence_parallel=sequence_parallel,
+                    recompute=recompute, micro_batch=micro_batch)
+    m = predict_memory(shape, layout, seq=seq, precision=precision, stage=stage)
+    ids = micro_batch * seq * 8 if stage in ("only", "first") else 0  # the embedding's int64 ids
     return m.activations + m.logits + ids

@@ -183,3 +183,25 @@ def test_activation_model_matches_this_machine_tiny_fp32():
                            micro_batch=2, precision="fp32")[0]["bytes"]
     predicted = predicted_activation_bytes(shape, seq=256, micro_batch=2, precision="fp32")
     assert predicted == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.parametrize("tensor,sequence_parallel,pipeline",
+                         [(2, False, 1), (2, True, 1), (1, False, 2)],
+                         ids=["tp2", "tp2_sp", "pp2"])
+def test_activation_model_divides_like_this_machine(tensor, sequence_parallel, pipeline):
+    """Per-rank prediction vs the bytes each rank saves at TP=2 (with and without sequence
+    parallel) and on each stage of PP=2 (one micro-batch), tiny fp32."""
+    from megatron_keye.planning.measure import measure_worker
+    from megatron_keye.testing.distributed import run_workers
+
+    shape = ModelShape.of(model_config("tiny"))
+    ranks = run_workers(measure_worker, tensor * pipeline, timeout=240, flavor="tiny", seq=256,
+                        micro_batch=2, precision="fp32", tensor=tensor, pipeline=pipeline,
+                        sequence_parallel=sequence_parallel)
+    single = predicted_activation_bytes(shape, seq=256, micro_batch=2, precision="fp32")
+    for rank in ranks:
+        predicted = predicted_activation_bytes(
+            shape, seq=256, micro_batch=2, precision="fp32", tp=tensor,
+            sequence_parallel=sequence_parallel, pp=pipeline, stage=rank["stage"])
+        assert predicted == pytest.approx(rank["bytes"], rel=0.15), rank["stage"]
+        assert rank["bytes"] < 0.8 * single  # the layout really divided the activations
