@@ -184,18 +184,9 @@ class Trainer:
                 tc.param_sync_func = tc.param_sync_func[0]
 
     def _build_loader(self):
-        from megatron_keye.config.validation import check_tokenizer_fits
-        from megatron_keye.data.text.text_dataset import TextBatchLoader, build_text_dataset
+        from megatron_keye.data.loaders import build_data_loader
 
-        cfg = self.config
-        check_tokenizer_fits(cfg)  # token ids must index real (not padded) embedding rows
-        return TextBatchLoader(
-            build_text_dataset(cfg.data),
-            global_batch_size=cfg.schedule.global_batch_size,
-            micro_batch_size=cfg.schedule.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=parallel_state.get_data_parallel_world_size(),
-        )
+        return build_data_loader(self.config)
 
     # ------------------------------------------------------------------------------- step
     def forward_backward(self, microbatches: list[dict], *, force_all_reduce: bool = False):
@@ -308,6 +299,8 @@ class Trainer:
         finally:
             self._restore_signal_handlers(previous_handlers)
             self.metrics.close()
+            if hasattr(self.loader, "close"):
+                self.loader.close()  # stop loader workers; a later step restarts them in place
         return history
 
     def _install_signal_handlers(self) -> dict:
@@ -386,6 +379,8 @@ class Trainer:
             "step_time_s": seconds,
             "skipped_steps": self.skipped_steps,
             **{f"report/{k}": v for k, v in result.reports.items()},
+            # The shard loader's skipped/overlong sample counts (collective over data ranks).
+            **(self.loader.metrics() if hasattr(self.loader, "metrics") else {}),
         }
         self.metrics.log(self.iteration, metrics, total_steps=self.config.schedule.train_iters)
 
