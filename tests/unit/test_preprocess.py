@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
 from megatron_keye import cli
 from megatron_keye.data.media.synthetic_media import (
@@ -134,9 +134,19 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _records(directory: Path) -> list[fmt.Record]:
+    """Every record of the corpus, in shard order, read with tarfile (webdataset's layout:
+    contiguous members per key, key = name up to the first dot)."""
     index = read_index(directory / "train.index.json")
-    urls = [str(directory / shard.file) for shard in index.shards]
-    return [read_record(sample) for sample in wds.WebDataset(urls, shardshuffle=False)]
+    records = []
+    for shard in index.shards:
+        samples: dict[str, dict] = {}
+        with tarfile.open(directory / shard.file) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        assert len(samples) == shard.samples
+        records.extend(read_record(sample) for sample in samples.values())
+    return records
 
 
 @pytest.fixture(scope="module")

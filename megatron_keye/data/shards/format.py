@@ -43,8 +43,10 @@ and the loader expands that pad once it has decoded the media and knows the grid
 (`templates.expand_rendered`, built on `vision_tokens.expand_vision_placeholders`).
 
 `token_estimate` = text tokens + an estimate of the vision tokens (images: the smart-resize grid
-of the stored width/height under the default image limits; videos: `VIDEO_TOKEN_ESTIMATE` each),
-for packing and blending decisions that must not decode media.
+of the stored width/height under the default image limits; videos: the sampled frames of the
+default video settings at slow-frame size, capped by the video budget, plus frame text — an upper
+bound; `VIDEO_TOKEN_ESTIMATE` when the header lacks frame count or rate), for packing, filtering
+and blending decisions that must not decode media.
 
 Compatibility: readers accept any `format_version <= FORMAT_VERSION`; later versions only add
 fields, and `read_record` keeps unknown fields in `Record.extra`.
@@ -73,7 +75,7 @@ MEDIA_IMAGE, MEDIA_VIDEO = "image", "video"
 MEDIA_TYPES = (MEDIA_IMAGE, MEDIA_VIDEO)
 
 JSON_MEMBER = "json"  # the record's member extension (KEY.json)
-VIDEO_TOKEN_ESTIMATE = 2048  # vision tokens assumed per video in `token_estimate`
+VIDEO_TOKEN_ESTIMATE = 2048  # vision tokens assumed for a video whose header lacks frames/rate
 
 # Reject reasons written to NAME.rejects.jsonl (stable strings; the detail says more).
 REJECT_BAD_JSON = "bad_json"  # the line is not a JSON object

@@ -51,6 +51,7 @@ ROLE_ALIASES = {
 TAG_PATTERN = re.compile(r"(<image>|<video>)")
 TAG_TYPES = {"<image>": fmt.MEDIA_IMAGE, "<video>": fmt.MEDIA_VIDEO}
 IMAGE_TOKEN_PIXELS = 28 * 28
+VIDEO_FRAME_TEXT_TOKENS = 5  # <|frame|>, a timestamp like "12.5", fast markers
 
 
 class RejectError(Exception):
@@ -291,15 +292,38 @@ def load_media(kind: str, path: str, index: int, media_root: Path) -> fmt.MediaI
 
 def vision_token_estimate(item: fmt.MediaItem) -> int:
     """Vision tokens the loader will likely produce for a media item (no decoding)."""
-    if item.type == fmt.MEDIA_VIDEO:
-        return fmt.VIDEO_TOKEN_ESTIMATE
     from megatron_keye.data.media.image import smart_resize
+
+    if item.type == fmt.MEDIA_VIDEO:
+        return _video_token_estimate(item)
 
     try:
         height, width = smart_resize(item.height or 28, item.width or 28)
     except ValueError:
         return math.ceil((item.height or 28) * (item.width or 28) / IMAGE_TOKEN_PIXELS)
     return height * width // IMAGE_TOKEN_PIXELS
+
+
+def _video_token_estimate(item: fmt.MediaItem) -> int:
+    """Sampled frames (keye-vl-utils' rule, default VideoConfig) x slow-frame tokens, capped by
+    the video budget, plus the frame marker and timestamp text; an upper bound, since fast
+    frames take fewer tokens. VIDEO_TOKEN_ESTIMATE when the header lacks frames or rate."""
+    from megatron_keye.data.media.image import smart_resize
+    from megatron_keye.data.media.video import smart_nframes
+    from megatron_keye.data.media.video_config import VideoConfig
+
+    if not (item.num_frames and item.fps and item.width and item.height):
+        return fmt.VIDEO_TOKEN_ESTIMATE
+    config = VideoConfig()
+    frames = smart_nframes(item.num_frames, item.fps, config=config)
+    try:
+        height, width = smart_resize(item.height, item.width, factor=config.factor,
+                                     min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    except ValueError:
+        return fmt.VIDEO_TOKEN_ESTIMATE
+    vision = min(frames * (height * width // IMAGE_TOKEN_PIXELS),
+                 config.total_pixels // IMAGE_TOKEN_PIXELS)
+    return vision + frames * VIDEO_FRAME_TEXT_TOKENS
 
 
 # ---- the whole conversion -----------------------------------------------------------------------

@@ -373,6 +373,16 @@ class _ShardWriter:
         self.bytes += _member_bytes(sample)
         self.stats.setdefault(record.source, fmt.SourceStats()).add(record)
 
+    def abort(self) -> None:
+        """Drop the open shard's file handle after an error (its `.tmp` is redone on resume)."""
+        try:
+            if self.tar is not None:
+                self.tar.close()  # ends the tar stream into the .tmp file, which stays unused
+        finally:
+            if self.file is not None:
+                self.file._file.close()
+            self.tar = self.file = None
+
     def close(self, next_position: tuple[int, int]) -> dict | None:
         """Finish the open shard (if any) and write its marker; returns the marker."""
         if self.tar is None:
@@ -497,6 +507,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                     return _summary_from(run, complete=False, resumed=resumed, lines=lines,
                                          started=started, tail_rejects=[])
             writer.add(payload, sample)
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         results.close()  # shuts the worker pool down
         if bar is not None:
