@@ -192,11 +192,13 @@ def loss_and_grads(trainer) -> dict:
     return {**rank_info(), "loss": total / count, "count": count, "grads": local_grads(trainer)}
 
 
-def layouts_worker(*, cases: dict, weights: dict, batch: dict) -> dict:
-    """Loss and finalized gradients of `batch` under each named layout, in one world."""
+def layouts_worker(*, cases: dict, weights: dict, batches: dict) -> dict:
+    """Loss and finalized gradients of each case's batch under its layout, in one world."""
     out = {}
     for name, layout in cases.items():
-        config = vl_config(layout, micro_batch=layout.get("micro_batch", 2))
+        batch = batches[name]
+        rows = batch["tokens"].size(0)
+        config = vl_config(layout, micro_batch=layout.get("micro_batch", 2), global_batch=rows)
         out[name] = loss_and_grads(build_vl_trainer(config, batch, weights))
     return out
 

@@ -143,14 +143,15 @@ class KeyeVLModel(Qwen3LanguageModel):
         dense = encoded.new_zeros(rows, n, encoded.size(-1))
         dense = dense.index_put((plan.rows, plan.cols), encoded.to(dense.dtype))
         dense = dense.transpose(0, 1).contiguous()  # [n, b, h]
-        mask = pads.transpose(0, 1).unsqueeze(-1)  # [n, b, 1]
+        mask = pads.transpose(0, 1).unsqueeze(-1).contiguous()  # [n, b, 1]
         if self.config.sequence_parallel:
             dense = tensor_parallel.scatter_to_sequence_parallel_region(dense)
             tp = parallel_state.get_tensor_model_parallel_world_size()
             part = n // tp
             start = parallel_state.get_tensor_model_parallel_rank() * part
             mask = mask[start : start + part]
-        return torch.where(mask, dense.to(text.dtype), text)
+        # Contiguous in [s, b, h] order (pipeline sends need it), like the text embeddings.
+        return torch.where(mask, dense.to(text.dtype), text).contiguous()
 
     def _encode(self, pixel_values: torch.Tensor, grids: torch.Tensor, items: list[int], *,
                 every: bool) -> torch.Tensor | None:
