@@ -40,7 +40,8 @@ WORDS = [
 ]
 
 
-def _write(directory: Path, name: str, lines: list[dict], *, per_shard: int) -> Path:
+def write_corpus(directory: Path, name: str, lines: list[dict], *, per_shard: int) -> Path:
+    """Preprocess JSONL `lines` into shards; returns the index path."""
     directory.mkdir(parents=True, exist_ok=True)
     jsonl = directory / f"{name}.jsonl"
     jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -76,7 +77,7 @@ def text_corpus(
         }
         for i in range(count)
     ]
-    return _write(Path(directory), name, lines, per_shard=per_shard)
+    return write_corpus(Path(directory), name, lines, per_shard=per_shard)
 
 
 def media_corpus(
@@ -117,4 +118,4 @@ def media_corpus(
             )
         else:
             lines.append({"video": f"media/{path.name}", "caption": f"clip {i}"})
-    return _write(directory, name, lines, per_shard=per_shard)
+    return write_corpus(directory, name, lines, per_shard=per_shard)

@@ -157,7 +157,8 @@ class ShardBatchLoader:
         self.log_events = log_events
         self.rows_consumed = 0  # global rows of all steps so far
         self.stream_states: dict[int, dict] = {}
-        self.last_step_samples: list[tuple[str, str, int]] = []  # (source, key, epoch) per sample
+        # (source, key@shard, epoch) of every sample of the last step, per row in batch order.
+        self.last_step_rows: list[list[tuple[str, str, int]]] = []
         self._iterator = None
         self._loader: DataLoader | None = None
         self._progress_dir: str | None = None
@@ -172,6 +173,11 @@ class ShardBatchLoader:
                         "(data.num_streams=%d / %d data-parallel ranks): using %d workers",
                         self.num_workers, len(self.local_streams), self.plan.num_streams,
                         self.dp_size, self.workers)
+
+    @property
+    def last_step_samples(self) -> list[tuple[str, str, int]]:
+        """(source, key@shard, epoch) of every sample of the last step, in batch order."""
+        return [sample for row in self.last_step_rows for sample in row]
 
     @property
     def num_microbatches(self) -> int:
@@ -234,7 +240,7 @@ class ShardBatchLoader:
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of the next global batch for this rank; advances the position."""
         batches = []
-        self.last_step_samples = []
+        self.last_step_rows = []
         names = [s.name for s in self.plan.sources]
         for _ in range(self.num_microbatches):
             rows = []
@@ -242,8 +248,8 @@ class ShardBatchLoader:
                 item = self._next_item()
                 rows.append(item["batch"])
                 self.stream_states[item["stream"]] = item["state"]
-                self.last_step_samples.extend((names[q], key, epoch)
-                                              for q, key, epoch in item["samples"])
+                self.last_step_rows.append([(names[q], key, epoch)
+                                            for q, key, epoch in item["samples"]])
                 if self.log_events:
                     for event in item["events"]:
                         log.warning("%s", event)
