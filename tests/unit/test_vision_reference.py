@@ -275,3 +275,23 @@ def test_layouts_and_backends_that_cannot_work_are_refused(monkeypatch):
     monkeypatch.setattr(gpt_layer_specs, "HAVE_TE", False)
     with pytest.raises(ImportError, match="TransformerEngine"):
         vision_block_spec(vision_transformer_config(vc, ParallelConfig()), attention_backend="te")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_sdpa_equals_masked_attention(causal):
+    """Two rows, runs of equal-length sequences, GQA; outputs and input gradients."""
+    from megatron_keye.ops.attention.core import sdpa_attention
+    from megatron_keye.ops.attention.varlen import varlen_sdpa
+
+    g = torch.Generator().manual_seed(5)
+    seg = torch.tensor([[0] * 5 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 2, [0] * 7 + [1] * 8 + [2]])
+    q = torch.randn(2, 4, 16, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 8, generator=g, requires_grad=True) for _ in range(2))
+    got = varlen_sdpa(q, k, v, segments=seg, causal=causal, scale=0.3)
+    expected = sdpa_attention(q, k, v, causal=causal, segments=seg, scale=0.3)
+    cotangent = torch.randn(expected.shape, generator=g)
+    grads = torch.autograd.grad(got, (q, k, v), cotangent)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), cotangent)
+    assert _relative(got, expected) <= 1e-6
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert _relative(a, b) <= 1e-6

@@ -2,10 +2,10 @@
 
 A packed row holds many independent sequences (ViT images and video frames, packed samples);
 masking a whole row would form an N×N matrix over every token of the batch. Instead the
-sequences are grouped by length, each group is gathered into one dense batch
-[n_sequences, heads, length, d] and run through SDPA unmasked (or causal within a sequence), and
-the outputs are put back in row order. Work and memory are those of the sequences alone; a batch
-of equal-size frames is one SDPA call.
+sequences are cut out of the row (consecutive sequences of one length together, as one dense
+batch [n_sequences, heads, length, d]) and run through SDPA unmasked (or causal within a
+sequence), and the outputs are concatenated in row order. Work and memory are those of the
+sequences alone; the equal-size frames of a video are one SDPA call.
 """
 
 from __future__ import annotations
@@ -22,24 +22,37 @@ def varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segments: 
 
     `segments` [b, s] gives each token its sequence id; a sequence is a run of equal ids within
     one row (`cu_seqlens_from_segments`). K/V may have fewer heads (GQA). Returns [b, h, s, d].
+    Consecutive sequences of one length (the frames of a video) are one SDPA batch taken as a
+    strided view, no gather; the outputs are concatenated back in row order.
     """
     b, h, s, d = q.shape
     cu, _ = cu_seqlens_from_segments(segments)
-    starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
-    # Tokens flattened over (b, s): [h, b*s, d].
-    flat = [t.transpose(0, 1).reshape(t.size(1), b * s, t.size(-1)) for t in (q, k, v)]
-    pieces, order = [], []
-    for length in torch.unique(lengths).tolist():
-        first = starts[lengths == length]
-        index = first[:, None] + torch.arange(length, device=first.device)  # [n, length]
-        qg, kg, vg = (t[:, index].transpose(0, 1) for t in flat)  # [n, heads, length, d]
-        out = F.scaled_dot_product_attention(
-            qg, kg, vg, is_causal=causal, dropout_p=dropout, scale=scale,
-            enable_gqa=kg.size(1) != qg.size(1),
-        )
-        pieces.append(out.transpose(0, 1).reshape(h, -1, d))
-        order.append(index.reshape(-1))
-    gathered = torch.cat(pieces, dim=1)  # [h, b*s, d] in group order
-    inverse = torch.empty_like(torch.cat(order))
-    inverse[torch.cat(order)] = torch.arange(inverse.numel(), device=inverse.device)
-    return gathered[:, inverse].view(h, b, s, d).transpose(0, 1)
+    bounds = cu.tolist()
+    gqa = k.size(1) != q.size(1)
+    rows = []
+    for row in range(b):
+        pieces = []
+        for first, length, count in _runs(bounds, row * s, (row + 1) * s):
+            start = first - row * s
+            qg, kg, vg = (t[row, :, start:start + count * length]
+                          .unflatten(1, (count, length)).transpose(0, 1) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal,
+                                                 dropout_p=dropout, scale=scale, enable_gqa=gqa)
+            pieces.append(out.transpose(0, 1).reshape(h, count * length, d))
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows) if b > 1 else rows[0].unsqueeze(0)
+
+
+def _runs(bounds: list[int], row_start: int, row_end: int) -> list[tuple[int, int, int]]:
+    """(first token, length, count) of each run of consecutive equal-length sequences whose
+    tokens lie in [row_start, row_end) of the flattened (b, s) tokens."""
+    runs: list[list[int]] = []
+    for first, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if first < row_start or end > row_end:
+            continue
+        length = end - first
+        if runs and runs[-1][1] == length:
+            runs[-1][2] += 1
+        else:
+            runs.append([first, length, 1])
+    return [tuple(run) for run in runs]
