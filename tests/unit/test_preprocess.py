@@ -81,6 +81,7 @@ BAD_LINES = [
     (json.dumps({"text": LONG_TEXT}), fmt.REJECT_TOO_MANY_TOKENS),
     (json.dumps({"prompt": "q", "chosen": "", "rejected": "b"}), fmt.REJECT_NO_ASSISTANT),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), fmt.REJECT_BAD_FIELD),
+    ('{"text": "caf\udce9"}', fmt.REJECT_BAD_JSON),  # not UTF-8 (written as a raw 0xE9 byte)
     (json.dumps({"messages": [{"role": "user", "content": "hi <|image_pad|>"},
                               {"role": "assistant", "content": "x"}]}), fmt.REJECT_SPECIAL_TOKEN),
 ]
@@ -111,7 +112,7 @@ def corpus(tmp_path_factory) -> dict:
             expected_rejects.append((len(lines), reason))
     lines.append("")
     chat = root / "chat.jsonl"
-    chat.write_text("\n".join(lines) + "\n")
+    chat.write_bytes(("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
     # a second source, so records carry two source names
     plain = root / "plain.jsonl"
     plain.write_text("\n".join(json.dumps({"text": f"Document number {i}."}) for i in range(5)))

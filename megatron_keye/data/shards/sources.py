@@ -349,12 +349,12 @@ def _has_answer(messages: list) -> bool:
         for role, parts in messages)
 
 
-def convert_line(line: str, *, key: str, file: str, line_number: int,
+def convert_line(line: str | bytes, *, key: str, file: str, line_number: int,
                  options: SourceOptions, tokenizer) -> fmt.Record:
     """One JSONL line -> a Record with media bytes and token ids; RejectError if unusable."""
     try:
         value = json.loads(line)
-    except ValueError as error:
+    except ValueError as error:  # UnicodeDecodeError included
         raise RejectError(fmt.REJECT_BAD_JSON, str(error)[:200]) from None
     if not isinstance(value, dict):
         raise RejectError(fmt.REJECT_BAD_JSON, f"a line must be a JSON object, got "

@@ -160,12 +160,13 @@ def _convert_chunk(chunk: list[tuple], options: dict[int, SourceOptions]) -> lis
 # ---- reading the input --------------------------------------------------------------------------
 
 def _read_lines(config: PreprocessConfig, start: tuple[int, int]) -> Iterator[tuple]:
-    """(file_index, file, line_number, text) from the input position `start` on (blank lines
-    are skipped; line numbers are 1-based)."""
+    """(file_index, file, line_number, raw bytes) from the input position `start` on (lines end
+    at b"\\n", numbered from 1 as `sed -n Np` counts; blank lines are skipped; bytes that are not
+    UTF-8 make that line a bad_json reject)."""
     for file_index, spec in enumerate(config.inputs):
         if file_index < start[0]:
             continue
-        with open(spec.path, encoding="utf-8", errors="replace") as handle:
+        with open(spec.path, "rb") as handle:
             for line_number, text in enumerate(handle, start=1):
                 if (file_index, line_number) < start or not text.strip():
                     continue
