@@ -23,11 +23,13 @@ Motion = Literal["static", "fade", "pan"]
 
 @dataclass(kw_only=True, frozen=True)
 class Scene:
-    """`num_frames` frames of one mosaic (`seed`), static, slowly fading or panning."""
+    """`num_frames` frames of one mosaic (`seed`), static, slowly fading or panning; with
+    `colour`, the mosaic is tinted towards that RGB colour (a scene a caption can name)."""
 
     num_frames: int
     seed: int
     motion: Motion = "static"
+    colour: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -65,6 +67,11 @@ def mosaic(
 
 def scene_frame(scene: Scene, index: int, *, height: int, width: int) -> np.ndarray:
     """Frame `index` (0-based within the scene) of a scene as uint8 [H, W, 3]."""
+    if scene.colour is not None:
+        plain = Scene(num_frames=scene.num_frames, seed=scene.seed, motion=scene.motion)
+        texture = scene_frame(plain, index, height=height, width=width).astype(np.float32)
+        tinted = 0.8 * np.asarray(scene.colour, dtype=np.float32) + 0.2 * texture
+        return tinted.clip(0, 255).astype(np.uint8)
     if scene.motion == "pan":
         base = mosaic(height, width + scene.num_frames * 2, seed=scene.seed)
         return np.ascontiguousarray(base[:, index * 2 : index * 2 + width])
