@@ -34,6 +34,7 @@ ROW_LAYOUTS = [
 PROMPT = 3  # leading tokens of every sample that are prompt (loss weight 0)
 
 CASES = {
+    "lm": {"head": "lm"},
     "sft_token": {"head": "sft"},
     "sft_square": {"head": "sft", "sft": {"loss_avg": "square"}},
     "sft_sample": {"head": "sft", "sft": {"loss_avg": "sample"}},
@@ -45,8 +46,8 @@ LAYOUTS = {"tp2": {"tensor": 2, "sp": True}, "pp2": {"pipeline": 2}, "cp2": {"co
 
 
 def pair_batch(vocab: int, *, seed: int) -> dict:
-    """Rows of packed chosen/rejected samples with prompt masks, ignored sample ends, random
-    per-token reference log-probs and a few non-binary loss weights."""
+    """Rows of packed chosen/rejected samples with prompt masks, ignored sample ends (label -100,
+    weight 0) and random per-token reference log-probs."""
     g = torch.Generator().manual_seed(seed)
     seq = sum(ROW_LAYOUTS[0][0])
     rows = len(ROW_LAYOUTS)
@@ -63,6 +64,7 @@ def pair_batch(vocab: int, *, seed: int) -> dict:
             if role:
                 loss_weights[row, start + PROMPT:end] = 1.0
             labels[row, end - 1] = -100  # the last token of a sample has no target
+            loss_weights[row, end - 1] = 0.0
             start = end
     return {
         "tokens": torch.randint(0, vocab, (rows, seq), generator=g),
@@ -114,6 +116,15 @@ def test_heads_match_the_formulas_in_every_layout(layout, setup, layouts_results
                 assert err < TOLERANCE, f"{layout}/{case} rank {got['rank']} {key}: {err:.2e}"
                 covered.add(key)
         assert covered == set(expected["grads"]), f"{layout}/{case}: parameters missing"
+
+
+def test_sft_with_unit_weights_is_the_lm_head(layouts_results):
+    for r in layouts_results:
+        for layout in LAYOUTS:
+            lm, sft = r[(layout, "lm")], r[(layout, "sft_token")]
+            assert sft["loss"] == pytest.approx(lm["loss"], rel=1e-6) and sft["count"] == lm["count"]
+            for key, grad in sft["grads"].items():
+                assert relative_error(grad, lm["grads"][key]) < 1e-6, f"{layout} {key}"
 
 
 def test_sample_and_square_weights_change_the_loss(setup):

@@ -58,7 +58,7 @@ def reference_sft_loss(logits, batch, vocab: int, loss_avg: str) -> torch.Tensor
 def reference_pairs(batch) -> list[tuple[int, int, int]]:
     """(row, chosen sample id, rejected sample id) of every pair, read token by token."""
     pairs = []
-    for row in range(batch["tokens"].shape[0]):
+    for row in range(batch["labels"].shape[0]):
         ids, role = batch["sample_ids"][row], batch["pair_role"][row]
         order = _samples(ids)
         for i, sample in enumerate(order):
@@ -123,7 +123,7 @@ def case_terms(case: dict) -> dict:
 
 
 def reference_case_loss(logits, batch, vocab: int, case: dict) -> torch.Tensor:
-    if case["head"] == "sft":
+    if case["head"] in ("sft", "lm"):
         return reference_sft_loss(logits, batch, vocab, case.get("sft", {}).get("loss_avg", "token"))
     pref = case.get("preference", {})
     return reference_preference_loss(
@@ -186,7 +186,7 @@ def reference_worker(*, weights: dict, batch: dict, cases: dict) -> dict:
         loss = reference_case_loss(logits, batch, vocab, case)
         grads = torch.autograd.grad(loss, params, retain_graph=True)
         out[name] = {"loss": loss.item(), "grads": dict(zip(names, grads, strict=True))}
-        if case["head"] != "sft":
+        if case["head"] not in ("sft", "lm"):
             pref = case.get("preference", {})
             out[name]["metrics"] = reference_preference_loss(
                 logits.detach(), batch, vocab, terms=case_terms(case),
