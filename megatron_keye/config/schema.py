@@ -269,12 +269,29 @@ class RewardHeadConfig:
 
 
 @dataclass(kw_only=True)
+class PolicyGradientHeadConfig:
+    """Options of the `gspo` head (GSPO, GSPO-token, or GRPO for comparison) over RL rollouts."""
+
+    # gspo: sequence ratio s_i = exp(mean_t log(pi/pi_old)), one clipped term per sample;
+    # gspo_token: s_i,t = sg(s_i) pi/sg(pi) with per-token advantages; grpo: per-token ratio.
+    variant: Literal["gspo", "gspo_token", "grpo"] = "gspo"
+    clip_low: float = 3e-4  # epsilon_low: ratios below 1 - clip_low are clipped (GRPO: 0.2)
+    clip_high: float = 4e-4  # epsilon_high: ratios above 1 + clip_high are clipped (GRPO: 0.27)
+    log_ratio_max: float = 10.0  # clamp of the (mean) log-ratio before the exp (veRL)
+    kl_coef: float = 0.0  # beta of the k3 KL to the reference (needs ref_logprobs); 0 = none
+    # Aggregation of per-token terms: seq-mean-token-mean = mean over samples of each sample's
+    # token mean (GSPO's); token-mean = mean over all response tokens of the global batch.
+    loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
+
+
+@dataclass(kw_only=True)
 class HeadConfig:
     """Per-head option sections; a head reads only its own (`heads/base.py`)."""
 
     sft: SFTHeadConfig = field(default_factory=SFTHeadConfig)
     preference: PreferenceHeadConfig = field(default_factory=PreferenceHeadConfig)
     reward: RewardHeadConfig = field(default_factory=RewardHeadConfig)
+    gspo: PolicyGradientHeadConfig = field(default_factory=PolicyGradientHeadConfig)
 
 
 @dataclass(kw_only=True)

@@ -24,7 +24,12 @@ PAIR_ROLE = "pair_role"  # int64, optional: 1 = chosen, 2 = rejected
 REF_LOGPROBS = "ref_logprobs"  # float32, optional: reference model's log p(label) per token
 # Reward pairs: the pair's Bradley-Terry margin on every token of its chosen sample (0 elsewhere).
 PAIR_MARGIN = "pair_margin"  # float32, optional
-TOKEN_FIELDS = (TOKENS, LABELS, LOSS_WEIGHTS, SAMPLE_IDS, PAIR_ROLE, REF_LOGPROBS, PAIR_MARGIN)
+# RL rollouts (GSPO/GRPO): the sampling policy's log p(label) per token (pi_old), and each token's
+# advantage (a sample's group-normalized advantage repeated over its response tokens).
+OLD_LOGPROBS = "old_logprobs"  # float32, optional
+ADVANTAGES = "advantages"  # float32, optional
+TOKEN_FIELDS = (TOKENS, LABELS, LOSS_WEIGHTS, SAMPLE_IDS, PAIR_ROLE, REF_LOGPROBS, OLD_LOGPROBS,
+                ADVANTAGES, PAIR_MARGIN)
 CHOSEN, REJECTED = 1, 2
 
 # --- [3, b, s] M-RoPE (t, h, w) ids; text tokens carry three equal rows ------------------------
