@@ -200,6 +200,14 @@ def _converted(config: PreprocessConfig, start: tuple[int, int]) -> Iterator[tup
     import multiprocessing
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":
+        # Import what every conversion uses once here, so forked workers inherit it instead of
+        # each importing torch (via the media size rules), PIL and PyAV again.
+        import av  # noqa: F401
+        import PIL.Image  # noqa: F401
+
+        import megatron_keye.data.media.image  # noqa: F401
+        import megatron_keye.data.media.video  # noqa: F401
     with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method),
                              initializer=_init_worker, initargs=(config.tokenizer,)) as pool:
         pending: deque = deque()
