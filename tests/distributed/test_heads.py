@@ -91,6 +91,33 @@ def flipped(batch: dict) -> dict:
     return {k: (v.flip(1) if k == "position_ids" else v.flip(0)) for k, v in batch.items()}
 
 
+def logprobs_inputs() -> dict:
+    """Logits over 13 real + 3 padding columns (rank 1 of TP=2 holds the padding), T = 0.8."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 2, 16, generator=g)
+    logits[..., 13:] = torch.finfo(torch.float32).min
+    labels = torch.randint(0, 13, (6, 2), generator=g)
+    labels[1, 0] = -100
+    return {"logits": logits, "labels": labels, "vocab": 13, "temperature": 0.8,
+            "weights": (torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g))}
+
+
+def test_logprobs_and_entropy_over_a_tp2_vocabulary(layouts_results):
+    from tests.distributed.workers_heads import reference_token_logprobs
+
+    inputs = logprobs_inputs()
+    logits = inputs["logits"].clone().requires_grad_(True)
+    logp, entropy = reference_token_logprobs(logits, inputs["labels"].T, 13, 0.8)
+    w_logp, w_entropy = inputs["weights"]
+    (grad,) = torch.autograd.grad((logp.T * w_logp + entropy.T * w_entropy).sum(), logits)
+    for r in layouts_results:
+        got = r["tp_logprobs"]
+        assert got["size"] == 2
+        assert relative_error(got["logp"], logp.T) < TOLERANCE
+        assert relative_error(got["entropy"], entropy.T) < TOLERANCE
+        assert relative_error(got["grad"], grad.chunk(2, dim=-1)[got["rank"]]) < TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def layouts_results(setup, tmp_path_factory):
     # the resume runs train MPO at DP=2 on two alternating global batches
@@ -98,6 +125,7 @@ def layouts_results(setup, tmp_path_factory):
               "iters": 4, "layout": {}}
     return run_workers(layouts_worker, 2, layouts=LAYOUTS, weights=setup["weights"],
                        batch=setup["batch"], cases=CASES, resume=resume,
+                       logprobs_check=logprobs_inputs(),
                        checkpoint_dir=str(tmp_path_factory.mktemp("heads")))
 
 

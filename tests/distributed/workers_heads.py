@@ -196,7 +196,7 @@ def reference_worker(*, weights: dict, batch: dict, cases: dict) -> dict:
 
 
 def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
-                   checkpoint_dir: str, resume: dict) -> dict:
+                   checkpoint_dir: str, resume: dict, logprobs_check: dict | None = None) -> dict:
     """Every case in every layout of this world; then the frozen-reference path (last layout);
     then MPO runs straight and killed-and-resumed (`resume`: resume_run's arguments)."""
     from megatron_keye.post_training.reference import reference_logprobs
@@ -208,6 +208,8 @@ def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
         vocab = config.model.vocab_size
         for cname, case in cases.items():
             results[(lname, cname)] = run_head_case(trainer, make_head(case, vocab))
+        if layout.get("tensor", 1) == 2 and logprobs_check is not None:
+            results["tp_logprobs"] = tp_logprobs_phase(**logprobs_check)
     # frozen reference = the policy's own weights: DPO gives log 2 and zero margins, and the
     # reference pass's log-probs (CP shares merged back) equal the single process's
     trainer.checkpointer.config.save_dir = f"{checkpoint_dir}/policy"
@@ -227,6 +229,23 @@ def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
                                      stop_at=resume["iters"])
     results["resumed"] = resume_run(**resume, save_dir=f"{checkpoint_dir}/resumed", stop_at=2)
     return results
+
+
+def tp_logprobs_phase(*, logits: torch.Tensor, labels: torch.Tensor, vocab: int,
+                      temperature: float, weights: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Log-probs/entropy of this TP rank's vocabulary slice (the last rank's slice partly
+    padding) and the gradient of a weighted sum of both with respect to the slice."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_keye.heads.logprobs import vocab_parallel_logprobs
+
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    local = logits.chunk(size, dim=-1)[rank].clone().requires_grad_(True)
+    logp, entropy = vocab_parallel_logprobs(local, labels, vocab_size=vocab,
+                                            temperature=temperature)
+    (grad,) = torch.autograd.grad((logp * weights[0] + entropy * weights[1]).sum(), local)
+    return {"rank": rank, "size": size, "logp": logp.detach(), "entropy": entropy.detach(),
+            "grad": grad}
 
 
 def resume_run(*, batches: list[dict], weights: dict, save_dir: str, stop_at: int,
