@@ -216,7 +216,8 @@ def test_stop_and_resume_gives_the_same_shards(corpus, reference, tmp_path):
     assert second.complete and second.resumed_shards == 2
     assert _files(out) == _files(reference)
     # a complete output is not redone
-    assert preprocess(_config(corpus, out)).complete
+    again = preprocess(_config(corpus, out))
+    assert again.complete and sum(again.rejects.values()) == len(corpus["rejects"])
     assert _files(out) == _files(reference)
 
 

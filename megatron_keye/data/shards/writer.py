@@ -70,7 +70,9 @@ class PreprocessConfig:
     media_root: Path | None = None  # media paths are relative to it (default: each input's dir)
     tokenizer: str | None = None  # tokenizer dir or tokenizer.json (default: the shipped tiny one)
     max_samples_per_shard: int = 10_000
-    max_bytes_per_shard: int = 1 << 30  # a shard closes before it would pass this (one sample min.)
+    # A shard closes before its members would pass this (at least one sample per shard; the
+    # tar's end blocks add up to 10 KiB more).
+    max_bytes_per_shard: int = 1 << 30
     max_tokens: int | None = None  # reject records whose token estimate exceeds it
     workers: int = 0  # conversion processes; 0 = in this process
     chunk_lines: int = 16  # lines per worker task
@@ -484,8 +486,11 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     elif index_file.exists():
         index = fmt.read_index(index_file)
         log.info("preprocess: %s is complete; nothing to do (--overwrite to redo)", index_file)
+        rejects_file = run.out / f"{config.name}.rejects.jsonl"
+        reasons = Counter(json.loads(line)["reason"] for line in
+                          rejects_file.read_text().splitlines()) if rejects_file.exists() else Counter()
         return PreprocessSummary(complete=True, shards=index.shards, sources=index.sources,
-                                 rejects=Counter(), seconds=time.perf_counter() - started)
+                                 rejects=reasons, seconds=time.perf_counter() - started)
     run.load_markers()
     resumed = len(run.markers)
     start = run.start()
