@@ -231,3 +231,15 @@ def test_expand_rendered(tokenizer, media_root):
     assert sum(targets) == sum(sample.target_mask)
     with pytest.raises(ValueError, match="placeholders"):
         expand_rendered(sample, [[ids.image_pad]], ids=ids)
+
+
+def test_caption_task_shares_follow_the_weights(tokenizer, media_root):
+    main, *companions = _captions(tokenizer, media_root)
+    weights = CaptionAugmentation(plain=1, qa=3, reverse_qa=0, multi_image=2, trap=2)
+    options = TemplateOptions(caption_augmentation=weights)
+    tasks = Counter(render_record(main, tokenizer=tokenizer, seed=11, sample_index=i,
+                                  options=options, companions=tuple(companions))[0].task
+                    for i in range(800))
+    assert tasks["reverse_qa"] == 0
+    for name, weight in (("plain", 1), ("qa", 3), ("multi_image", 2), ("trap", 2)):
+        assert abs(tasks[name] / 800 - weight / 8) < 0.05, tasks
