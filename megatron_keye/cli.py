@@ -8,6 +8,8 @@
     megatron-keye plan --flavor 8b --seq 131072 --gpus 8          # rank TP/CP/PP/DP layouts
     megatron-keye preprocess --input chat.jsonl --output-dir shards/  # JSONL + media -> shards
     megatron-keye merge --method ties --base PRE --model A --model B --density 0.2 --out OUT
+    megatron-keye pipeline tiny-cpu-stage1 tiny-cpu-stage2 tiny-cpu-stage3  # stages in order
+    megatron-keye launch --dry-run --recipe keye8b-stage3 --nodes 8 --gpus-per-node 8
 """
 
 from __future__ import annotations
@@ -80,12 +82,15 @@ def _int_arg(name: str, value: str) -> int:
 def _convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="megatron-keye convert")
     sub = parser.add_subparsers(dest="direction", required=True)
-    imp = sub.add_parser("import", help="HF Qwen3ForCausalLM safetensors -> native checkpoint")
+    imp = sub.add_parser("import", help="HF Qwen3ForCausalLM / Keye-VL safetensors -> native checkpoint")
     imp.add_argument("--hf-dir", required=True)
     imp.add_argument("--out", required=True)
     imp.add_argument("--tensor", type=int, default=1)
     imp.add_argument("--pipeline", type=int, default=1)
     imp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    imp.add_argument("--vision-dir", default=None,
+                     help="a SigLIP vision tower directory to combine with the Qwen3 --hf-dir "
+                          "into one Keye-VL checkpoint (stage 1; the projector starts fresh)")
     exp = sub.add_parser("export", help="native checkpoint -> HF safetensors + config.json")
     exp.add_argument("--checkpoint", required=True, help="a checkpoint or a save dir (uses latest)")
     exp.add_argument("--out", required=True)
@@ -97,7 +102,7 @@ def _convert(argv: list[str]) -> int:
 
     if args.direction == "import":
         convert.import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline,
-                          precision=args.precision)
+                          precision=args.precision, vision_dir=args.vision_dir)
         print(f"wrote native checkpoint to {args.out}")
     else:
         out = convert.export_hf(args.checkpoint, args.out, tokenizer_dir=args.tokenizer,
@@ -155,8 +160,21 @@ def _preprocess(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _pipeline(argv: list[str]) -> int:
+    from megatron_keye.stages import cli_main
+
+    return cli_main(argv)
+
+
+def _launch(argv: list[str]) -> int:
+    from megatron_keye.launch import cli_main
+
+    return cli_main(argv)
+
+
 COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo,
-            "plan": _plan, "merge": _merge, "preprocess": _preprocess}
+            "plan": _plan, "merge": _merge, "preprocess": _preprocess, "pipeline": _pipeline,
+            "launch": _launch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen3ForCausalLM safetensors ⇄ native dist_checkpointing checkpoints.
+"""Hugging Face Qwen3ForCausalLM / Keye-VL-1.5 safetensors ⇄ native dist_checkpointing checkpoints.
 
 Import runs on TP×PP ranks (spawned here unless already launched with that many): each rank
 builds its stage, reads only its own tensors from the safetensors files and the ranks write one
@@ -7,6 +7,12 @@ Export loads a checkpoint into one unsharded process and writes safetensors + co
 (+ the tokenizer files, when given) that `transformers` loads directly, in the precision the HF
 source declared (recorded at import as `model.source_dtype`) or else the run's, unless `dtype`
 says otherwise.
+
+A Keye-VL-1.5 directory (a config.json with `vision_config`) converts whole: vision tower,
+projector and language model. Stage 1 starts from two separate directories instead: a Qwen3
+language model plus a SigLIP-style vision tower (`vision_dir`, e.g. transformers'
+SiglipVisionModel); the projector then keeps its fresh initialization (drawn from the seed and
+its names), and the vision token ids come from the LM directory's tokenizer when it has one.
 
 Inputs are checked in the calling process before any rank starts (a missing directory,
 config.json or safetensors file, or a layout the model cannot take, is one error naming it); an
@@ -24,8 +30,8 @@ from pathlib import Path
 import torch
 
 from megatron_keye.config import config_from_dict, config_to_dict, validate
-from megatron_keye.config.schema import TrainConfig
-from megatron_keye.models.keye_vl import hf_adapter
+from megatron_keye.config.schema import ModelConfig, TrainConfig
+from megatron_keye.models.keye_vl import hf_adapter, hf_vision
 from megatron_keye.runtime.spawn import spawn_ranks
 
 log = logging.getLogger(__name__)
@@ -40,20 +46,23 @@ TOKENIZER_FILES = (
 
 
 def import_hf(hf_dir: str, out_dir: str, *, tensor: int = 1, pipeline: int = 1,
-              precision: str = "fp32") -> None:
-    """Write a native checkpoint (weights only) of a Qwen3ForCausalLM directory."""
+              precision: str = "fp32", vision_dir: str | None = None) -> None:
+    """Write a native checkpoint (weights only) of a Qwen3ForCausalLM or Keye-VL-1.5 directory,
+    or of a Qwen3 directory plus a SigLIP vision tower directory (`vision_dir`)."""
     world = tensor * pipeline
     # Everything that can be checked without the weights fails here, in one line.
-    config = hf_model_config(hf_dir, tensor=tensor, pipeline=pipeline, precision=precision)
+    config = hf_model_config(hf_dir, tensor=tensor, pipeline=pipeline, precision=precision,
+                             vision_dir=vision_dir)
     validate(config, world)
     _safetensors_index(Path(hf_dir))
+    if vision_dir is not None:
+        hf_vision.hf_prefix(_safetensors_index(Path(vision_dir)), where=vision_dir)
+    kwargs = dict(hf_dir=hf_dir, out_dir=out_dir, tensor=tensor, pipeline=pipeline,
+                  precision=precision, vision_dir=vision_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) == world and "RANK" in os.environ:
-        _import_rank(hf_dir=hf_dir, out_dir=out_dir, tensor=tensor, pipeline=pipeline,
-                     precision=precision)
+        _import_rank(**kwargs)
         return
-    spawn_ranks(_import_rank, world, threads=max(1, (os.cpu_count() or 1) // world),
-                hf_dir=hf_dir, out_dir=out_dir, tensor=tensor, pipeline=pipeline,
-                precision=precision)
+    spawn_ranks(_import_rank, world, threads=max(1, (os.cpu_count() or 1) // world), **kwargs)
 
 
 def export_hf(checkpoint: str, out_dir: str, *, tokenizer_dir: str | None = None,
@@ -84,22 +93,42 @@ def export_dtype(config: TrainConfig, requested: str | None = None) -> str:
     return requested or config.model.source_dtype or config.precision
 
 
-def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str) -> TrainConfig:
-    """A run config whose model section matches a HF Qwen3 config.json."""
+def _read_config_json(hf_dir: str, what: str) -> tuple[dict, Path]:
     directory = Path(hf_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"{hf_dir}: no such directory (expected a Hugging Face model)")
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found (a Qwen3 config.json is required)")
+        raise FileNotFoundError(f"{config_file}: not found (a {what} config.json is required)")
     try:
-        hf = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text()), config_file
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+
+
+def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str,
+                    vision_dir: str | None = None) -> TrainConfig:
+    """A run config whose model section matches a HF Qwen3 or Keye-VL config.json (plus the
+    vision tower's config.json of `vision_dir`)."""
+    hf, config_file = _read_config_json(hf_dir, "Qwen3")
     try:
         model = hf_adapter.model_fields_from_hf_config(hf)
     except KeyError as err:
         raise ValueError(f"{config_file}: missing field {err}") from None
+    if vision_dir is not None:
+        if "vision" in model:
+            raise ValueError(f"{config_file}: already a vision-language model; vision_dir "
+                             f"applies to a text-only Qwen3 directory")
+        vision_hf, vision_file = _read_config_json(vision_dir, "SigLIP")
+        model["vision"] = hf_vision.vision_fields_from_hf_config(vision_hf, where=str(vision_file))
+        model.update(_vision_token_ids(Path(hf_dir)))
+    if "vision" in model:
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id"):
+            value = model.get(key, getattr(ModelConfig, key))
+            if not 0 <= value < model["vocab_size"]:
+                raise ValueError(f"{config_file}: {key}={value} is outside the vocabulary "
+                                 f"(vocab_size={model['vocab_size']})")
     return config_from_dict({
         "model": {"flavor": "8b", **model},
         "parallel": {"tensor": tensor, "pipeline": pipeline},
@@ -107,9 +136,31 @@ def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str) 
     })
 
 
-def _import_rank(*, hf_dir: str, out_dir: str, tensor: int, pipeline: int, precision: str) -> None:
+def _vision_token_ids(hf_dir: Path) -> dict:
+    """The vision marker ids of the tokenizer in `hf_dir` (none when it ships no tokenizer)."""
+    if not (hf_dir / "tokenizer.json").is_file():
+        return {}
+    from megatron_keye.data.text.tokenizer import KeyeTokenizer
+
+    ids = KeyeTokenizer.from_dir(hf_dir).vision
+    return {"image_token_id": ids.image_pad, "video_token_id": ids.video_pad,
+            "vision_start_token_id": ids.vision_start, "vision_end_token_id": ids.vision_end}
+
+
+def _read_tensors(index: dict[str, str], names, *, source: str, dtype) -> dict:
     from safetensors import safe_open
 
+    tensors = {}
+    for name in names:
+        if name not in index:
+            raise KeyError(f"{source}: tensor {name!r} is missing from the safetensors files")
+        with safe_open(index[name], framework="pt") as f:
+            tensors[name] = f.get_tensor(name).to(dtype)
+    return tensors
+
+
+def _import_rank(*, hf_dir: str, out_dir: str, tensor: int, pipeline: int, precision: str,
+                 vision_dir: str | None = None) -> None:
     from megatron_keye.models.keye_vl.builder import (
         build_model_chunks,
         load_full_state,
@@ -118,7 +169,8 @@ def _import_rank(*, hf_dir: str, out_dir: str, tensor: int, pipeline: int, preci
     from megatron_keye.runtime.checkpoint import Checkpointer, TrainingState
     from megatron_keye.runtime.parallel import ParallelDims
 
-    config = hf_model_config(hf_dir, tensor=tensor, pipeline=pipeline, precision=precision)
+    config = hf_model_config(hf_dir, tensor=tensor, pipeline=pipeline, precision=precision,
+                             vision_dir=vision_dir)
     dims = ParallelDims.from_config(config.parallel, tensor * pipeline)
     dims.initialize(seed=config.seed)
     chunks = build_model_chunks(config)
@@ -127,19 +179,55 @@ def _import_rank(*, hf_dir: str, out_dir: str, tensor: int, pipeline: int, preci
     for chunk in chunks:
         shard = stage_shard(chunk)
         wanted = hf_adapter.hf_names_for_stage(config.model, shard)
-        tensors = {}
-        for name in wanted:
-            if name not in index:
-                raise KeyError(f"{hf_dir}: tensor {name!r} is missing from the safetensors files")
-            with safe_open(index[name], framework="pt") as f:
-                tensors[name] = f.get_tensor(name).to(dtype)
+        if vision_dir is not None:
+            wanted = [n for n in wanted if not n.startswith(("visual.", "mlp_AR."))]
+        tensors = _read_tensors(index, wanted, source=hf_dir, dtype=dtype)
         layers = range(shard.layer_offset, shard.layer_offset + shard.num_layers)
-        load_full_state([chunk], hf_adapter.hf_to_native(tensors, config.model, layers=layers))
+        native = hf_adapter.hf_to_native(tensors, config.model, layers=layers)
+        if vision_dir is not None and shard.pre_process:
+            native.update(_siglip_tower(vision_dir, config, chunk, dtype=dtype))
+        load_full_state([chunk], native)
     config.checkpoint.save_dir = out_dir
     layout = {"tensor": tensor, "pipeline": pipeline, "virtual_pipeline": 1, "context": 1, "data": 1}
     Checkpointer(config.checkpoint, run_config=config_to_dict(config), layout=layout).save(
         chunks=chunks, optimizer=None, state=TrainingState(iteration=0)
     )
+
+
+def _siglip_tower(vision_dir: str, config: TrainConfig, chunk, *, dtype) -> dict:
+    """Native `vision.*` tensors from a SigLIP directory plus the chunk's own (freshly
+    initialized, full) `projector.*` tensors."""
+    from megatron_keye.models.keye_vl.builder import named_parameters_global
+
+    index = _safetensors_index(Path(vision_dir))
+    prefix = hf_vision.hf_prefix(index, where=vision_dir)
+    names = hf_vision.hf_vision_names(config.model.vision, prefix=prefix, projector=False)
+    tensors = _read_tensors(index, names, source=vision_dir, dtype=dtype)
+    native = hf_vision.vision_hf_to_native(tensors, config.model.vision, prefix=prefix,
+                                           projector=False)
+    # The projector is new in stage 1: keep the initialization (gathered to full tensors).
+    native.update(_full_tensors({k: p for k, p in named_parameters_global(chunk).items()
+                                 if k.startswith(hf_vision.NATIVE_PROJECTOR)}))
+    return native
+
+
+def _full_tensors(local: dict) -> dict:
+    """Full tensors of this tensor-parallel rank's pieces (all-gathered over the TP group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for key, piece in local.items():
+        piece = piece.detach()
+        if size == 1 or hf_adapter.tensor_parallel_dim(key) is None:
+            out[key] = piece.clone()
+            continue
+        pieces = [torch.empty_like(piece) for _ in range(size)]
+        dist.all_gather(pieces, piece.contiguous(),
+                        group=parallel_state.get_tensor_model_parallel_group())
+        out[key] = hf_adapter.merge_tensor_shards(key, pieces)
+    return out
 
 
 def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None,

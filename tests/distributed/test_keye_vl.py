@@ -126,3 +126,110 @@ def test_layout_matches_single_process(name, layouts, single):
             assert err < TOLERANCE, f"{name} rank {r['rank']} {key}: relative error {err:.2e}"
             covered.add(key)
     assert covered == set(ref["grads"]), "some parameters were held by no rank"
+
+
+# --------------------------------------------------------------------------- HF conversion
+def _write_hf_dir(path, model, tensors: dict) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_keye.data.text.tokenizer import DEFAULT_TOKENIZER_DIR
+    from megatron_keye.models.keye_vl.hf_adapter import hf_config_dict
+
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**hf_config_dict(model),
+                                                  "torch_dtype": "float32"}))
+    for file in DEFAULT_TOKENIZER_DIR.iterdir():
+        shutil.copy(file, path / file.name)
+
+
+def _read_safetensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def exported(setup, tmp_path_factory):
+    """The full Keye layout imported at TP=2 x PP=2, then exported by one process."""
+    from megatron_keye.convert import export_hf, import_hf
+
+    root = tmp_path_factory.mktemp("keye_hf")
+    source = root / "source"
+    _write_hf_dir(source, setup["config"].model, setup["hf"])
+    import_hf(str(source), str(root / "native"), tensor=2, pipeline=2)
+    out = export_hf(str(root / "native"), str(root / "export"), tokenizer_dir=str(source))
+    return {"source": source, "out": out, "root": root}
+
+
+def test_hf_native_hf_is_bit_exact(setup, exported):
+    import json
+
+    back = _read_safetensors(exported["out"])
+    assert set(back) == set(setup["hf"])
+    assert any(k.startswith("visual.vision_model.encoder.layers.") for k in back)
+    assert any(k.startswith("mlp_AR.") for k in back)
+    for name, tensor in setup["hf"].items():
+        assert torch.equal(back[name], tensor), name
+    config = json.loads((exported["out"] / "config.json").read_text())
+    model = setup["config"].model
+    assert config["architectures"] == ["KeyeVL1_5ForConditionalGeneration"]
+    assert config["vocab_size"] == 2000 and back["model.embed_tokens.weight"].shape[0] == 2000
+    assert config["image_token_id"] == model.image_token_id == 1289
+    assert config["video_token_id"] == 1290 and config["vision_start_token_id"] == 1287
+    assert config["rope_scaling"]["mrope_section"] == model.mrope_section
+    vision = config["vision_config"]
+    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"]) == (48, 2, 14)
+    assert vision["image_size"] // vision["patch_size"] == model.vision.position_grid
+    assert (exported["out"] / "tokenizer.json").is_file()
+
+
+def test_exported_language_model_loads_in_transformers(exported, single):
+    from transformers import Qwen3ForCausalLM
+
+    hf = Qwen3ForCausalLM.from_pretrained(str(exported["out"]), attn_implementation="eager")
+    tokens = text_batch()["tokens"]
+    with torch.no_grad():
+        logits = hf(tokens).logits.float()
+    native = single["text_logits"][..., :2000]
+    assert logits.shape == native.shape
+    assert (logits - native).abs().max().item() < 1e-4
+
+
+def test_import_qwen3_plus_siglip_tower(setup, exported):
+    """Stage 1 starts from a Qwen3 LM directory and a SigLIP vision tower directory."""
+    import dataclasses
+    import json
+
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from megatron_keye.convert import export_hf, import_hf
+
+    root, model = exported["root"], setup["config"].model
+    lm = {k: v for k, v in setup["hf"].items() if k.startswith(("model.", "lm_head."))}
+    _write_hf_dir(root / "qwen3", dataclasses.replace(model, vision=None), lm)
+    vc = model.vision
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=vc.hidden_size, intermediate_size=vc.ffn_hidden_size,
+        num_hidden_layers=vc.num_layers, num_attention_heads=vc.num_attention_heads,
+        image_size=vc.position_grid * vc.patch_size, patch_size=vc.patch_size))
+    tower.save_pretrained(str(root / "siglip"))
+    import_hf(str(root / "qwen3"), str(root / "stage1"), tensor=2,
+              vision_dir=str(root / "siglip"))
+    out = export_hf(str(root / "stage1"), str(root / "stage1_hf"))
+    back = _read_safetensors(out)
+    for name, tensor in lm.items():
+        assert torch.equal(back[name], tensor), name
+    siglip = {k: v for k, v in tower.state_dict().items() if not k.startswith("head.")}
+    for name, tensor in siglip.items():
+        assert torch.equal(back["visual.vision_model." + name], tensor), name
+    projector = {k: v for k, v in back.items() if k.startswith("mlp_AR.")}
+    assert projector["mlp_AR.linear_2.weight"].shape == (model.hidden_size, vc.merged_size)
+    assert projector["mlp_AR.linear_1.weight"].std() > 0  # freshly initialized, not zeros
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_token_id"] == 1289  # from the LM directory's tokenizer
+    assert config["vision_config"]["hidden_size"] == vc.hidden_size

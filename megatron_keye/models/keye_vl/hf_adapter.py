@@ -238,7 +238,10 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "video_token_id": model.video_token_id,
         "vision_start_token_id": model.vision_start_token_id,
         "vision_end_token_id": model.vision_end_token_id,
-        "rope_scaling": {"type": "mrope", "mrope_section": list(model.mrope_section)},
+        # M-RoPE is told by `mrope_section`; the type says "default" (as transformers rewrites
+        # Qwen2-VL's "mrope"), so transformers' Qwen3ForCausalLM loads the language part from
+        # this config.json as is (it has no "mrope" rope type). Import accepts either type.
+        "rope_scaling": {"type": "default", "mrope_section": list(model.mrope_section)},
         "vision_config": hf_vision.hf_vision_config_dict(model.vision),
     }
 
