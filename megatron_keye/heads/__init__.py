@@ -1,6 +1,6 @@
 """Loss heads: the objectives the trainer can optimize, selected by `stage.loss_head`."""
 
-from megatron_keye.heads import lm, preference, reward, sft  # noqa: F401  (register lm, sft, dpo, mpo, reward)
+from megatron_keye.heads import gspo, lm, preference, reward, sft  # noqa: F401  (register lm, sft, dpo, mpo, reward, gspo)
 from megatron_keye.heads.base import (
     HeadBase,
     HeadNeeds,
