@@ -78,11 +78,12 @@ def pair_batch(vocab: int, *, seed: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(reference_setup):
+def setup(reference_setup, tmp_path_factory):
     config = reference_setup["config"]
     batch = pair_batch(config.model.vocab_size, seed=3)
     (reference,) = run_workers(reference_worker, 1, weights=reference_setup["weights"],
-                               batch=batch, cases=CASES)
+                               batch=batch, cases=CASES,
+                               pipeline_dir=str(tmp_path_factory.mktemp("pipeline")))
     return {"batch": batch, "reference": reference, "weights": reference_setup["weights"]}
 
 
@@ -208,3 +209,17 @@ def test_bco_shift_survives_kill_and_resume(layouts_results):
 
 def reference_pairs_of_batch() -> list:
     return [role for _, roles in ROW_LAYOUTS for role in roles if role == 1]
+
+
+def test_tiny_sft_then_mpo_pipeline_losses_fall(setup):
+    run = setup["reference"]["pipeline"]
+    assert run["sft"][-1] < 0.9 * run["sft"][0], run["sft"]
+    assert run["mpo"][-1] < run["mpo"][0], run["mpo"]
+    first = run["mpo_reports"][0]
+    # the policy starts as its reference: DPO log 2, BCO with delta 0 twice log 2, margins 0
+    assert first["loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["loss/bco_pair"] == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert run["mpo_reports"][-1]["rewards/margins"] > 0.0
+    assert run["mpo_reports"][-1]["loss/sigmoid"] < math.log(2)
+    assert run["delta"] != 0.0

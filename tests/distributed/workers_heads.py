@@ -165,8 +165,9 @@ def run_head_case(trainer, head) -> dict:
 # ------------------------------------------------------------------------------ workers
 
 
-def reference_worker(*, weights: dict, batch: dict, cases: dict) -> dict:
-    """Single process: the model's full logits and, per case, the formula loss and gradients."""
+def reference_worker(*, weights: dict, batch: dict, cases: dict, pipeline_dir: str) -> dict:
+    """Single process: the model's full logits and, per case, the formula loss and gradients;
+    then a tiny SFT -> MPO pipeline (`pipeline_phase`)."""
     from megatron_keye.models.keye_vl.builder import (
         build_model_chunks,
         load_full_state,
@@ -192,7 +193,29 @@ def reference_worker(*, weights: dict, batch: dict, cases: dict) -> dict:
                 logits.detach(), batch, vocab, terms=case_terms(case),
                 beta=pref.get("beta", 0.1), delta=case.get("delta", 0.0))
             out[name]["metrics"].pop("loss")
+    out["pipeline"] = pipeline_phase(batch=batch, weights=weights, workdir=pipeline_dir)
     return out
+
+
+def pipeline_phase(*, batch: dict, weights: dict, workdir: str, iters: int = 5) -> dict:
+    """SFT from given weights, then MPO from the SFT checkpoint with it as frozen reference."""
+    common = (f"schedule.train_iters={iters}", "logging.log_interval=1000",
+              f"logging.output_dir={workdir}/logs")
+    sft_batch = {k: v for k, v in batch.items() if k not in ("pair_role", "ref_logprobs")}
+    config = tiny_config({}, extra=(*common, "stage.loss_head=sft",
+                                    "stage.head.sft.loss_avg=square",
+                                    f"checkpoint.save_dir={workdir}/sft"))
+    sft = [r.loss for r in build_trainer(config, [sft_batch], weights).run()]
+    config = tiny_config({}, extra=(
+        *common, "stage.loss_head=mpo", "stage.head.preference.reference=model",
+        f"stage.head.preference.reference_load={workdir}/sft", f"checkpoint.load={workdir}/sft",
+        "checkpoint.load_weights_only=true", f"checkpoint.save_dir={workdir}/mpo",
+        "optimizer.lr=0.002"))
+    trainer = build_trainer(config, [{k: v for k, v in batch.items() if k != "ref_logprobs"}],
+                            None)
+    mpo = [(r.loss, r.reports) for r in trainer.run()]
+    return {"sft": sft, "mpo": [loss for loss, _ in mpo], "mpo_reports": [r for _, r in mpo],
+            "delta": trainer.loss_head.state_dict()["running"]["mean"]}
 
 
 def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
