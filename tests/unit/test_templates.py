@@ -243,3 +243,15 @@ def test_caption_task_shares_follow_the_weights(tokenizer, media_root):
     assert tasks["reverse_qa"] == 0
     for name, weight in (("plain", 1), ("qa", 3), ("multi_image", 2), ("trap", 2)):
         assert abs(tasks[name] / 800 - weight / 8) < 0.05, tasks
+
+
+def test_media_labels(tokenizer, media_root):
+    record = _record(CONVERSATION, tokenizer, media_root)
+    (sample,) = render_record(record, tokenizer=tokenizer, seed=0, sample_index=0,
+                              options=TemplateOptions(media_labels=True))
+    text = tokenizer.decode(sample.tokens)
+    assert "user\nPicture 1: <|vision_start|>" in text
+    assert "And Picture 2: <|vision_start|><|image_pad|><|vision_end|> the second" in text
+    (plain,) = render_record(record, tokenizer=tokenizer, seed=0, sample_index=0)
+    assert sum(sample.target_mask) == sum(plain.target_mask) and "Picture" not in (
+        tokenizer.decode(plain.tokens))

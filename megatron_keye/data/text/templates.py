@@ -132,6 +132,9 @@ class TemplateOptions:
     # Caption records are recast as QA / reverse QA / multi-image / trap tasks; None = plain.
     caption_augmentation: CaptionAugmentation | None = field(default_factory=CaptionAugmentation)
     end_text_with_eos: bool = True  # plain documents end with <|endoftext|> (a target)
+    # Conversations and pairs: "Picture N: " / "Video N: " before each image / video (the
+    # optional labels of Keye's template; caption tasks label their pictures themselves).
+    media_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.think_mode not in THINK_MODES:
@@ -163,9 +166,11 @@ class RenderedSample:
 class _Builder:
     """Accumulates tokens, target flags and media references."""
 
-    def __init__(self, tokenizer, media_types: list[tuple[str, ...]]):
+    def __init__(self, tokenizer, media_types: list[tuple[str, ...]], *, labels: bool = False):
         self.tokenizer = tokenizer
         self.media_types = media_types  # per record: the type of each media item
+        self.labels = labels  # "Picture N: " / "Video N: " before each media item
+        self.counts = {"image": 0, "video": 0}
         self.tokens: list[int] = []
         self.targets: list[float] = []
         self.media: list[MediaRef] = []
@@ -192,6 +197,10 @@ class _Builder:
         else:  # ("media", record, index) or MediaSegment
             record, index = (0, part.media) if isinstance(part, MediaSegment) else part[1:]
             kind = self.media_types[record][index]
+            self.counts[kind] += 1
+            if self.labels:
+                word = "Video" if kind == MEDIA_VIDEO else "Picture"
+                self.text(f"{word} {self.counts[kind]}: ", False)
             self.ids(self.video if kind == MEDIA_VIDEO else self.image, False)
             self.media.append(MediaRef(record=record, index=index))
 
@@ -267,7 +276,7 @@ def render_record(
             mode = "think" if chosen_suffix == THINK_SUFFIX else "no_think"
             options = dataclasses.replace(options, think_mode=mode)
         for role, side in ((1, record.chosen), (2, record.rejected)):
-            builder = _Builder(tokenizer, media_types)
+            builder = _Builder(tokenizer, media_types, labels=options.media_labels)
             turns = prompt + _turns(side)
             _render_turns(builder, turns, options=options, trained=range(len(prompt), len(turns)))
             out.append(_done(builder, record, pair_role=role))
@@ -278,7 +287,7 @@ def render_record(
         task, turns = augment_caption(record, seed=seed, sample_index=sample_index,
                                       weights=options.caption_augmentation,
                                       companions=companions)
-    builder = _Builder(tokenizer, media_types)
+    builder = _Builder(tokenizer, media_types, labels=options.media_labels and not task)
     _render_turns(builder, turns, options=options, trained=range(len(turns)))
     return [_done(builder, record, task=task)]
 
