@@ -211,7 +211,13 @@ class CheckpointConfig:
     save_at_end: bool = True  # save when train_iters is reached
     load: str | None = None  # seeds a fresh run (ignored when save_dir already holds a checkpoint)
     # Load only model weights (fine-tuning from a converted checkpoint): no optimizer, no step.
+    # The same as load_state=weights.
     load_weights_only: bool = False
+    # What `load` restores when it seeds a new run (a training stage starting from the previous
+    # stage): resume = everything (model, optimizer, LR schedule, iteration, data position);
+    # weights+optimizer = model and Adam state, with a fresh LR schedule, iteration 0 and a
+    # fresh data order (same trainable set as the saved run); weights = model only.
+    load_state: Literal["resume", "weights+optimizer", "weights"] = "resume"
     # How the ZeRO-1 optimizer state is laid out on disk. fully_reshardable (default) loads into
     # any TP/PP/DP layout (state is gathered per data-parallel group while saving);
     # dp_reshardable saves without that gather but reloads only with the same TP and PP.

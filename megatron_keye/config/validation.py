@@ -189,6 +189,13 @@ def _validate_schedule(config: TrainConfig, world_size: int) -> None:
         )
     if config.stage.max_consecutive_nonfinite < 1:
         raise ConfigError("stage.max_consecutive_nonfinite", "must be >= 1")
+    ck = config.checkpoint
+    if ck.load_weights_only and ck.load_state == "weights+optimizer":
+        raise ConfigError(
+            "checkpoint.load_state",
+            "weights+optimizer contradicts checkpoint.load_weights_only=true (which means "
+            "load_state=weights); set one of them",
+        )
     if 0 < s.exit_at_iteration < s.train_iters and not config.checkpoint.save_dir:
         raise ConfigError(
             "checkpoint.save_dir",

@@ -422,7 +422,13 @@ class Trainer:
                 log.info("checkpoint.load=%s is ignored: %s holds this run's checkpoints",
                          cfg.load, cfg.save_dir)
         elif cfg.load:
-            source, weights_only, why = cfg.load, cfg.load_weights_only, "starting from checkpoint.load"
+            weights_only = cfg.load_weights_only or cfg.load_state == "weights"
+            scope = "weights" if weights_only else cfg.load_state
+            source, why = cfg.load, f"starting from checkpoint.load ({scope})"
+            if cfg.load_state == "weights+optimizer":
+                from megatron_keye.stages import check_optimizer_transfer
+
+                check_optimizer_transfer(cfg.load, self.config)
         else:
             return
         state = self.checkpointer.load(
@@ -435,6 +441,14 @@ class Trainer:
         if weights_only or state is None:
             if dist.get_rank() == 0:
                 log.info("%s: loaded weights from %s", why, source)
+            return
+        if not own and cfg.load_state == "weights+optimizer":
+            # A new stage that keeps the Adam moments but runs its own LR schedule from step 0
+            # on its own data: the loaded param groups still carry the old stage's rate.
+            self.scheduler.step(increment=0)
+            if dist.get_rank() == 0:
+                log.info("%s: loaded weights and optimizer state from %s; LR schedule, "
+                         "iteration and data order start fresh", why, source)
             return
         self.iteration = state.iteration
         if state.scheduler:
