@@ -150,6 +150,8 @@ class Checkpointer:
         if not common.get("has_optimizer", True):
             # A converted (e.g. imported from HF) checkpoint: weights only, training starts fresh.
             weights_only = True
+        if _starts_value_head(common.get("config") or {}, self.run_config, directory):
+            weights_only = True  # a reward model starting from a language model: a new run
         same_layout = common.get("layout") == self.layout
         meta = dist_checkpointing.load_content_metadata(str(directory)) or {}
         fmt = meta.get("distrib_optim_sharding_type", self.config.optimizer_format)
@@ -164,6 +166,7 @@ class Checkpointer:
                 f"checkpoint.optimizer_format=fully_reshardable"
             )
         sharded = {"model": _model_sharded_state(chunks)}
+        fresh = _keep_fresh_value_heads(sharded["model"], common.get("config") or {})
         if load_optimizer:
             ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -175,7 +178,9 @@ class Checkpointer:
             sharded["rng"] = _rng_sharded_object()
         loaded = dist_checkpointing.load(sharded, str(directory))
         for index, chunk in enumerate(chunks):
-            _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{index}"], strict=True)
+            state = loaded["model"][f"chunk{index}"]
+            state.update(fresh.get(f"chunk{index}", {}))
+            _unwrap(chunk).load_state_dict(state, strict=True)
         if load_optimizer:
             # no_grad: megatron-core's load_parameter_state_from_dp_reshardable
             # (optimizer/distrib_optimizer.py:1772, unlike its fully_reshardable sibling at :2069)
@@ -241,6 +246,39 @@ def _check_same_vocabulary(saved: dict, current: dict, directory: Path) -> None:
                 f"model.{key}: checkpoint {directory} was saved with a vocabulary of {theirs} "
                 f"rows, this run has {ours}; use the checkpoint's model settings"
             )
+
+
+def _saved_output_head(config: dict) -> str:
+    return (config.get("model") or {}).get("output_head", "lm")
+
+
+def _starts_value_head(saved: dict, current: dict, directory: Path) -> bool:
+    """Whether a value model (reward model) loads a language model's checkpoint.
+
+    That is allowed (its value head keeps the fresh draw); the opposite, a language model from a
+    value model's checkpoint, has no output layer to load and is refused naming the field.
+    """
+    theirs, ours = _saved_output_head(saved), _saved_output_head(current)
+    if theirs == "value" and ours != "value":
+        raise ValueError(f"model.output_head: checkpoint {directory} is a value (reward) model, "
+                         f"this run is {ours!r}; set model.output_head=value")
+    return theirs != "value" and ours == "value"
+
+
+def _keep_fresh_value_heads(model_sharded: dict, saved: dict) -> dict[str, dict]:
+    """Take a value model's `value_head.*` out of the load when the checkpoint has none.
+
+    Returns, per chunk, the model's own (freshly drawn) tensors under those keys, to be loaded
+    back unchanged.
+    """
+    if _saved_output_head(saved) == "value":
+        return {}
+    kept = {}
+    for chunk, state in model_sharded.items():
+        keys = [k for k in state if k.startswith("value_head.")]
+        if keys:
+            kept[chunk] = {k: state.pop(k).data for k in keys}
+    return kept
 
 
 def _commit(tmp: Path, final: Path, root: Path) -> None:
