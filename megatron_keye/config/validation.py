@@ -65,6 +65,13 @@ def _validate_parallel(config: TrainConfig, world_size: int) -> None:
 
 def _validate_model(config: TrainConfig) -> None:
     m, p = config.model, config.parallel
+    # The reward head reads the value head's scores; every other head reads logits.
+    if (config.stage.loss_head == "reward") != (m.output_head == "value"):
+        raise ConfigError(
+            "model.output_head",
+            f"{m.output_head!r} does not fit stage.loss_head={config.stage.loss_head!r} (the "
+            f"reward head needs model.output_head=value, the others need lm)",
+        )
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             "model.num_query_groups",
