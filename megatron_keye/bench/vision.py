@@ -7,12 +7,13 @@ contract). Ours encodes all of them in ONE call: the packed sequence through the
 (per-frame attention, 2D RoPE, interpolated positions) and the 2x2-merging projector. The peer
 gets the same pixels as images [n, 3, 14h, 14w] with `interpolate_pos_encoding=True`, one call per
 resolution: every image alone, consecutive video frames of one size batched together (the most
-it can batch). Both run fp32 on this CPU with the same torch threads; the peer has no pooling
+it can batch without reordering; slow and fast frames interleave in temporal order). Both run fp32 on this CPU with the same torch threads; the peer has no pooling
 head (`vision_use_head=False`) and no projector, so ours does strictly more work (the projector,
 and exact 2D RoPE on q/k).
 
 Reported per side and mode (forward under no_grad; forward + backward of a random projection of
-the outputs into every weight): median wall time over `--runs` timed runs after a warm-up,
+the outputs into every weight, one backward per batch): median wall time over `--runs` timed
+runs after a warm-up, the two sides timed in alternation,
 images/s (images and video frames each count one) and visual tokens/s (LLM tokens = patches / 4,
 the same count for both sides), and our/peer ratio of visual tokens/s. Nothing is asserted.
 """
@@ -25,10 +26,11 @@ import time
 
 import torch
 
-# (h, w) in patches of the images, then of the video's slow and fast frames (in that order).
+# (h, w) in patches of the images; then a video in temporal order: slow frames (full budget)
+# and fast frames (~30% of a slow frame's tokens) as SlowFast classification interleaves them.
 IMAGE_GRIDS = [(32, 24), (20, 28), (16, 16), (12, 20)]
-SLOW_FRAMES, SLOW_GRID = 4, (16, 22)
-FAST_FRAMES, FAST_GRID = 6, (8, 12)
+VIDEO_FRAME_TYPES = "SFFSFFFSFFSFFFFSFFSFFFSF"
+SLOW_GRID, FAST_GRID = (16, 22), (8, 12)
 
 
 def workload(scale: float = 1.0) -> list[tuple[int, int]]:
@@ -37,7 +39,7 @@ def workload(scale: float = 1.0) -> list[tuple[int, int]]:
         return tuple(max(2, 2 * round(s * scale / 2)) for s in hw)
 
     frames = [sized(hw) for hw in IMAGE_GRIDS]
-    frames += [sized(SLOW_GRID)] * SLOW_FRAMES + [sized(FAST_GRID)] * FAST_FRAMES
+    frames += [sized(SLOW_GRID if kind == "S" else FAST_GRID) for kind in VIDEO_FRAME_TYPES]
     return frames
 
 
@@ -99,17 +101,20 @@ def build_peer(vc):
     return SiglipVisionModel(config).float()
 
 
-def _median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
+def _alternating_medians(first, second, runs: int) -> tuple[float, float]:
+    """Median wall times of two functions timed in alternation (after one warm-up each), so
+    load changes on a shared machine hit both sides alike."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-def measure(args) -> list[dict]:
+def measure(args) -> tuple[list[dict], dict]:
     vc, tower, projector = build_ours(args.flavor, args.lm_hidden)
     peer = build_peer(vc)
     frames = workload(args.scale)
@@ -135,30 +140,32 @@ def measure(args) -> list[dict]:
             for x in images:
                 peer(pixel_values=x, interpolate_pos_encoding=True)
 
-    def peer_backward():
+    def peer_backward():  # one loss over the whole batch, one backward (a training step)
+        loss = 0.0
         for x, cot in zip(images, peer_cotangents, strict=True):
             out = peer(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-            (out * cot).sum().backward()
+            loss = loss + (out * cot).sum()
+        loss.backward()
 
     rows = []
-    # Alternate sides per mode so drifts in machine load hit both.
     for mode, ours_fn, peer_fn in (("forward", ours_forward, peer_forward),
                                    ("forward+backward", ours_backward, peer_backward)):
-        for side, fn in (("ours (packed)", ours_fn), ("HF SiglipVisionModel", peer_fn)):
-            seconds = _median_time(fn, args.runs)
-            rows.append({"mode": mode, "side": side, "seconds": seconds,
-                         "images_per_s": len(frames) / seconds,
-                         "tokens_per_s": tokens / seconds, "calls": 1 if "ours" in side
-                         else len(images)})
+        timed = _alternating_medians(ours_fn, peer_fn, args.runs)
+        for side, calls, seconds in (("ours (packed)", 1, timed[0]),
+                                     ("HF SiglipVisionModel", len(images), timed[1])):
+            rows.append({"mode": mode, "side": side, "seconds": seconds, "calls": calls,
+                         "images_per_s": len(frames) / seconds, "tokens_per_s": tokens / seconds})
     return rows, {"frames": len(frames), "patches": pixels.size(0), "tokens": tokens,
                   "peer_calls": len(images), "flavor": args.flavor,
-                  "threads": torch.get_num_threads()}
+                  "threads": torch.get_num_threads(),
+                  "attention": peer.config._attn_implementation}
 
 
 def print_table(rows: list[dict], info: dict) -> None:
     print(f"vision tower + projector, flavor {info['flavor']}, fp32, {info['threads']} torch "
           f"threads: {info['frames']} images/frames, {info['patches']} patches, "
-          f"{info['tokens']} visual tokens (peer: {info['peer_calls']} calls)")
+          f"{info['tokens']} visual tokens (peer: {info['peer_calls']} calls, "
+          f"{info['attention']} attention)")
     print(f"{'mode':<18} {'side':<22} {'calls':>5} {'median s':>9} {'images/s':>9} "
           f"{'tokens/s':>10}")
     for r in rows:
