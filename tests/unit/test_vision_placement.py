@@ -80,5 +80,5 @@ def test_count_mismatch_names_row_and_sample():
     bad[0, 2] = True  # sample 0 holds 2 pads: item 0 and half of item 1
     with pytest.raises(ValueError, match="batch row 0, sample 0.*end inside vision item 1"):
         check_counts(layout_of(bad, 1, ids), counts)
-    with pytest.raises(ValueError, match="item 1 on have no image/video pad"):
+    with pytest.raises(ValueError, match="from item 2 on have no image/video pad"):
         check_counts(layout_of(mask, 1, ids), counts + [4])
