@@ -107,3 +107,47 @@ def test_hf_export_scores_equal_in_transformers(trained):
     with torch.no_grad():
         scores = hf(input_ids=ids).logits[:, 0]
     torch.testing.assert_close(scores, torch.tensor(result["rewards"]), rtol=1e-4, atol=1e-4)
+
+
+def test_score_command_matches_transformers(trained, tmp_path):
+    """`score` on a JSONL of pairs (three formats, a bad line, a non-pair) equals transformers
+    scoring each rendered sequence alone."""
+    import json
+
+    from transformers import Qwen3ForSequenceClassification
+
+    from megatron_keye import convert
+    from megatron_keye.post_training.scoring import encode_pairs, score_pairs
+
+    _, root = trained
+    lines = [
+        json.dumps({"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Five."}),
+        json.dumps({"prompt": [{"role": "user", "content": "Name a color."}],
+                    "chosen": [{"role": "assistant", "content": "Blue"}],
+                    "rejected": [{"role": "assistant", "content": "A dog, probably"}],
+                    "margin": 0.5}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello there"}],
+                    "rejected_response": "Go away"}),
+        json.dumps({"text": "plain text is not a pair"}),
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    scores = score_pairs(str(root / "ckpt"), str(data), batch_size=2)
+    assert len(scores.keys) == 3
+    assert sum(scores.skipped.values()) == 2 and any("rejected" in k for k in scores.skipped)
+
+    hf_dir = root / "hf"
+    if not (hf_dir / "config.json").exists():
+        convert.export_hf(str(root / "ckpt"), str(hf_dir))
+    hf = Qwen3ForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    _, units, _, _, _ = encode_pairs(str(data), tokenizer_dir=None)
+    expected = []
+    with torch.no_grad():
+        for unit in units:
+            expected.append([hf(input_ids=torch.as_tensor(s.tokens).view(1, -1)).logits[0, 0].item()
+                             for s in unit.samples])
+    torch.testing.assert_close(torch.tensor([scores.chosen, scores.rejected]).T,
+                               torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    assert scores.accuracy == sum(c > r for c, r in expected) / 3
