@@ -4,7 +4,9 @@ mismatch names the row; stage-1 freezing trains the projector only.
 
 The batch is built by the front end (image pipeline, vision tokens, tokenizer) from synthetic
 media: two images of different sizes and a video with slow and fast frames, in two rows. One
-spawned world per world size runs all of its cases.
+spawned world per world size runs all of its cases: the 4-rank world runs the layouts and the
+HF imports at TP=2 x PP=2, the 1-rank world the reference, the one-process checks and the HF
+exports.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from megatron_keye.models.keye_vl.hf_adapter import hf_to_native, split_tensor
 from megatron_keye.testing.distributed import run_workers
 from tests.distributed.workers_keye_vl import (
     demo_batch,
-    layouts_worker,
+    four_rank_worker,
     random_hf_state,
     single_process_worker,
     text_batch,
@@ -48,10 +50,52 @@ def setup():
 
 
 @pytest.fixture(scope="module")
-def single(setup):
+def hf_dirs(setup, tmp_path_factory):
+    """A Keye-VL HF directory of the setup's weights, and the stage-1 sources: its language
+    model alone (a Qwen3 directory) and a random transformers SiglipVisionModel directory."""
+    import dataclasses
+
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    root = tmp_path_factory.mktemp("keye_hf")
+    model = setup["config"].model
+    _write_hf_dir(root / "source", model, setup["hf"])
+    lm = {k: v for k, v in setup["hf"].items() if k.startswith(("model.", "lm_head."))}
+    _write_hf_dir(root / "qwen3", dataclasses.replace(model, vision=None), lm)
+    vc = model.vision
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=vc.hidden_size, intermediate_size=vc.ffn_hidden_size,
+        num_hidden_layers=vc.num_layers, num_attention_heads=vc.num_attention_heads,
+        image_size=vc.position_grid * vc.patch_size, patch_size=vc.patch_size))
+    tower.save_pretrained(str(root / "siglip"))
+    return {"root": root, "lm": lm, "siglip": tower.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def world4(setup, hf_dirs):
+    """The layout cases, then the HF imports at TP=2 x PP=2, in one 4-rank world."""
+    root = hf_dirs["root"]
+    batches = {name: doubled(setup["batch"]) if name == "pp2_vpp2_dp2" else setup["batch"]
+               for name in CASES}
+    imports = [
+        (str(root / "source"), str(root / "native"), {"tensor": 2, "pipeline": 2}),
+        (str(root / "qwen3"), str(root / "stage1"),
+         {"tensor": 2, "pipeline": 2, "vision_dir": str(root / "siglip")}),
+    ]
+    per_rank = run_workers(four_rank_worker, 4, cases=CASES, weights=setup["weights"],
+                           batches=batches, imports=imports, timeout=600)
+    return {name: [r[name] for r in per_rank] for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def single(setup, hf_dirs, world4):
+    root = hf_dirs["root"]
+    exports = [(str(root / "native"), str(root / "export"), str(root / "source")),
+               (str(root / "stage1"), str(root / "stage1_hf"), None)]
     (result,) = run_workers(single_process_worker, 1, weights=setup["weights"],
                             batch=setup["batch"], mismatch=demo_batch(drop_pad_in_row=0),
-                            text=text_batch())
+                            text=text_batch(), exports=exports)
     return result
 
 
@@ -102,20 +146,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def layouts(setup):
-    batches = {name: doubled(setup["batch"]) if name == "pp2_vpp2_dp2" else setup["batch"]
-               for name in CASES}
-    per_rank = run_workers(layouts_worker, 4, cases=CASES, weights=setup["weights"],
-                           batches=batches, timeout=600)
-    return {name: [r[name] for r in per_rank] for name in CASES}
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_layout_matches_single_process(name, layouts, single):
+def test_layout_matches_single_process(name, world4, single):
     ref = single["reference"]
     covered = set()
-    for r in layouts[name]:
+    for r in world4[name]:
         assert abs(r["loss"] - ref["loss"]) / abs(ref["loss"]) < TOLERANCE
         for key, grad in r["grads"].items():
             if key.startswith(VISION_PREFIXES):
@@ -152,29 +187,18 @@ def _read_safetensors(path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def exported(setup, tmp_path_factory):
-    """The full Keye layout imported at TP=2 x PP=2, then exported by one process."""
-    from megatron_keye.convert import export_hf, import_hf
-
-    root = tmp_path_factory.mktemp("keye_hf")
-    source = root / "source"
-    _write_hf_dir(source, setup["config"].model, setup["hf"])
-    import_hf(str(source), str(root / "native"), tensor=2, pipeline=2)
-    out = export_hf(str(root / "native"), str(root / "export"), tokenizer_dir=str(source))
-    return {"source": source, "out": out, "root": root}
-
-
-def test_hf_native_hf_is_bit_exact(setup, exported):
+def test_hf_native_hf_is_bit_exact(setup, hf_dirs, single):
+    """Keye-VL HF -> native at TP=2 x PP=2 -> HF (one process): every tensor bit-exact."""
     import json
 
-    back = _read_safetensors(exported["out"])
+    out = hf_dirs["root"] / "export"
+    back = _read_safetensors(out)
     assert set(back) == set(setup["hf"])
     assert any(k.startswith("visual.vision_model.encoder.layers.") for k in back)
     assert any(k.startswith("mlp_AR.") for k in back)
     for name, tensor in setup["hf"].items():
         assert torch.equal(back[name], tensor), name
-    config = json.loads((exported["out"] / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     model = setup["config"].model
     assert config["architectures"] == ["KeyeVL1_5ForConditionalGeneration"]
     assert config["vocab_size"] == 2000 and back["model.embed_tokens.weight"].shape[0] == 2000
@@ -184,13 +208,16 @@ def test_hf_native_hf_is_bit_exact(setup, exported):
     vision = config["vision_config"]
     assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"]) == (48, 2, 14)
     assert vision["image_size"] // vision["patch_size"] == model.vision.position_grid
-    assert (exported["out"] / "tokenizer.json").is_file()
+    assert (out / "tokenizer.json").is_file()
 
 
-def test_exported_language_model_loads_in_transformers(exported, single):
+def test_exported_language_model_loads_in_transformers(hf_dirs, single):
+    """transformers' Qwen3ForCausalLM loads the exported directory as is: the native model's
+    text-only logits within 1e-4."""
     from transformers import Qwen3ForCausalLM
 
-    hf = Qwen3ForCausalLM.from_pretrained(str(exported["out"]), attn_implementation="eager")
+    hf = Qwen3ForCausalLM.from_pretrained(str(hf_dirs["root"] / "export"),
+                                          attn_implementation="eager")
     tokens = text_batch()["tokens"]
     with torch.no_grad():
         logits = hf(tokens).logits.float()
@@ -199,32 +226,17 @@ def test_exported_language_model_loads_in_transformers(exported, single):
     assert (logits - native).abs().max().item() < 1e-4
 
 
-def test_import_qwen3_plus_siglip_tower(setup, exported):
-    """Stage 1 starts from a Qwen3 LM directory and a SigLIP vision tower directory."""
-    import dataclasses
+def test_import_qwen3_plus_siglip_tower(setup, hf_dirs, single):
+    """Stage 1 starts from a Qwen3 LM directory and a SigLIP vision tower directory (imported
+    at TP=2 x PP=2, exported by one process)."""
     import json
 
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    from megatron_keye.convert import export_hf, import_hf
-
-    root, model = exported["root"], setup["config"].model
-    lm = {k: v for k, v in setup["hf"].items() if k.startswith(("model.", "lm_head."))}
-    _write_hf_dir(root / "qwen3", dataclasses.replace(model, vision=None), lm)
-    vc = model.vision
-    torch.manual_seed(0)
-    tower = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=vc.hidden_size, intermediate_size=vc.ffn_hidden_size,
-        num_hidden_layers=vc.num_layers, num_attention_heads=vc.num_attention_heads,
-        image_size=vc.position_grid * vc.patch_size, patch_size=vc.patch_size))
-    tower.save_pretrained(str(root / "siglip"))
-    import_hf(str(root / "qwen3"), str(root / "stage1"), tensor=2,
-              vision_dir=str(root / "siglip"))
-    out = export_hf(str(root / "stage1"), str(root / "stage1_hf"))
+    model, vc = setup["config"].model, setup["config"].model.vision
+    out = hf_dirs["root"] / "stage1_hf"
     back = _read_safetensors(out)
-    for name, tensor in lm.items():
+    for name, tensor in hf_dirs["lm"].items():
         assert torch.equal(back[name], tensor), name
-    siglip = {k: v for k, v in tower.state_dict().items() if not k.startswith("head.")}
+    siglip = {k: v for k, v in hf_dirs["siglip"].items() if not k.startswith("head.")}
     for name, tensor in siglip.items():
         assert torch.equal(back["visual.vision_model." + name], tensor), name
     projector = {k: v for k, v in back.items() if k.startswith("mlp_AR.")}

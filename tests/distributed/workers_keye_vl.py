@@ -204,8 +204,19 @@ def layouts_worker(*, cases: dict, weights: dict, batches: dict) -> dict:
     return out
 
 
-def single_process_worker(*, weights: dict, batch: dict, mismatch: dict, text: dict) -> dict:
-    """The one-process reference and the one-process checks, in one world."""
+def four_rank_worker(*, cases: dict, weights: dict, batches: dict, imports: list) -> dict:
+    """The layout cases, then HF imports (`import_hf` runs in this world's ranks)."""
+    from megatron_keye.convert import import_hf
+
+    out = layouts_worker(cases=cases, weights=weights, batches=batches)
+    for source, target, kwargs in imports:
+        import_hf(source, target, **kwargs)
+    return out
+
+
+def single_process_worker(*, weights: dict, batch: dict, mismatch: dict, text: dict,
+                          exports: list = ()) -> dict:
+    """The one-process reference and the one-process checks, then HF exports, in one world."""
     import pytest
 
     result = {}
@@ -232,4 +243,8 @@ def single_process_worker(*, weights: dict, batch: dict, mismatch: dict, text: d
     with torch.no_grad():
         logits = model(text["tokens"], text["position_ids"])
     result["text_logits"] = logits.transpose(0, 1).contiguous()
+    from megatron_keye.convert import export_hf
+
+    for checkpoint, target, tokenizer in exports:
+        export_hf(checkpoint, target, tokenizer_dir=tokenizer)
     return result
