@@ -8,6 +8,7 @@
     megatron-keye plan --flavor 8b --seq 131072 --gpus 8          # rank TP/CP/PP/DP layouts
     megatron-keye preprocess --input chat.jsonl --output-dir shards/  # JSONL + media -> shards
     megatron-keye merge --method ties --base PRE --model A --model B --density 0.2 --out OUT
+    megatron-keye generate --checkpoint CKPT --prompt "Describe it." --image cat.png  # KV cache
     megatron-keye score --checkpoint RM --data pairs.jsonl        # reward model pair accuracy
     megatron-keye pipeline tiny-cpu-stage1 tiny-cpu-stage2 tiny-cpu-stage3  # stages in order
     megatron-keye launch --dry-run --recipe keye8b-stage3 --nodes 8 --gpus-per-node 8
@@ -161,6 +162,12 @@ def _score(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _generate(argv: list[str]) -> int:
+    from megatron_keye.post_training.generate_cli import main as generate_main
+
+    return generate_main(argv)
+
+
 def _preprocess(argv: list[str]) -> int:
     from megatron_keye.data.shards.writer import cli_main
 
@@ -180,6 +187,7 @@ def _launch(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo,
+            "generate": _generate,
             "plan": _plan, "merge": _merge, "preprocess": _preprocess, "pipeline": _pipeline,
             "launch": _launch, "score": _score}
 

@@ -7,6 +7,10 @@ per forward pass (`AttentionInputs.rotary`), fused with the layout change the ke
 Backends are chosen by config: `sdpa` (torch's scaled_dot_product_attention, every device) and,
 on GPUs, `flash` (flash-attn). Packed samples (`AttentionInputs.segments`) never attend across a
 boundary. Context parallelism will wrap these kernels here.
+
+Generation sets `kv_cache` (a `kv_cache.KVCache`, see that module for why the cache lives here
+and holds rotated keys): the new tokens' rotated keys/values are appended to it and the queries
+attend over the whole cached prefix. It is None in training, which leaves forward unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_keye.ops.attention.inputs import AttentionInputs
+from megatron_keye.ops.attention.kv_cache import KVCache
 from megatron_keye.ops.attention.masks import segment_ids_from_cu_seqlens, segment_mask
 from megatron_keye.ops.attention.rope import rotate_to_bhsd
 
@@ -111,6 +116,8 @@ class CoreAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
+        # Set only while generating (ops/attention/kv_cache.py::attached).
+        self.kv_cache: KVCache | None = None
 
     def forward(
         self,
@@ -139,6 +146,9 @@ class CoreAttention(MegatronModule):
         else:
             q, k = query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
+        if self.kv_cache is not None:
+            out = self.kv_cache.attend(self.layer_number, q, k, v, scale=self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
         dropout = self.dropout if self.training else 0.0
         # Dropout masks differ per tensor-parallel rank (they hold different heads).
         rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
