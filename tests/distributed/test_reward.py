@@ -1,4 +1,4 @@
-"""Reward model: scores and Bradley-Terry loss/gradients at TP=2+SP, CP=2 and DP=2 on packed rows
+"""Reward model: scores and Bradley-Terry loss/gradients at TP=2+SP, CP=2, DP=2 and PP=2 on packed rows
 equal the unsharded model with a plain-torch loss; a tiny RM learns planted pairs; its HF export
 scores the same in transformers' Qwen3ForSequenceClassification.
 
@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp2_sp": {"tensor": 2, "sp": True},
     "cp2_packed": {"context": 2},
     "dp2": {},
+    "pp2": {"pipeline": 2},
 }
 
 

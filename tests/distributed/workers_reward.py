@@ -110,7 +110,7 @@ def _sharded(layout: dict, batch: dict) -> dict:
     reports = trainer.forward_backward(trainer.loader.next_step(), force_all_reduce=True)
     totals = trainer.step_runner.global_reports(reports)
     result = {**rank_info(), "totals": totals, "grads": local_grads(trainer)}
-    if layout.get("context", 1) == 1:
+    if layout.get("context", 1) == 1 and layout.get("pipeline", 1) == 1:
         with torch.no_grad():
             result["scores"] = trainer.model[0](batch["tokens"], batch["position_ids"],
                                                 segments=batch["sample_ids"])
