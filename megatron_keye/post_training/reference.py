@@ -12,7 +12,6 @@ Two ways to get log p_ref(label) per token:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_keye.config import config_to_dict
@@ -58,22 +57,34 @@ def reference_logprobs(step, microbatches: list[dict]) -> list[torch.Tensor] | N
     for source in batches:
         local = source[_REFERENCE_STASH].cpu()
         if step.cp_size > 1:
+            from megatron_keye.runtime.comm import all_reduce_values
             from megatron_keye.runtime.context_split import row_positions
 
-            group = parallel_state.get_context_parallel_group()
-            local_dev = local.to(_device(group))
-            shares = [torch.empty_like(local_dev) for _ in range(step.cp_size)]
-            dist.all_gather(shares, local_dev, group=group)
+            # every CP rank drops its share into a zero full row; a sum merges them exactly
+            positions = row_positions(source, cp_size=step.cp_size, cp_rank=step.cp_rank)
             full = torch.zeros(source["tokens"].shape, dtype=torch.float32)
-            for rank, share in enumerate(shares):
-                positions = row_positions(source, cp_size=step.cp_size, cp_rank=rank)
-                full.scatter_(1, positions.cpu(), share.cpu())
-            local = full
+            full.scatter_(1, positions.cpu(), local)
+            local = all_reduce_values(full, group=parallel_state.get_context_parallel_group(),
+                                      dtype=torch.float32)
         results.append(local)
     return results
 
 
-def _device(group) -> torch.device:
-    from megatron_keye.runtime.comm import comm_device
+def reference_logprobs_from_checkpoint(cfg: TrainConfig, checkpoint: str,
+                                       microbatches: list[dict]) -> list[torch.Tensor] | None:
+    """Full-row reference log p(label) [b, s] per micro-batch from a native checkpoint.
 
-    return comm_device(group)
+    Runs in an initialized parallel state of `cfg.parallel`'s layout (any TP/PP/CP); builds the
+    frozen model, forwards the micro-batches and returns the merged rows on the last pipeline
+    stage (None elsewhere). This is what a precomputing pass stores next to the data.
+    """
+    from megatron_keye.runtime.parallel import compute_device
+    from megatron_keye.runtime.step import ModelStep
+
+    device = compute_device()
+    chunks = build_reference_model(cfg, device, layout={}, source=checkpoint)
+    step = ModelStep(model=chunks, loss_head=None, device=device,
+                     seq_length=cfg.data.seq_length,
+                     micro_batch_size=cfg.schedule.micro_batch_size,
+                     reference_model=chunks, vocab_size=cfg.model.vocab_size)
+    return reference_logprobs(step, microbatches)

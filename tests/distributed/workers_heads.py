@@ -222,7 +222,7 @@ def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
                    checkpoint_dir: str, resume: dict, logprobs_check: dict | None = None) -> dict:
     """Every case in every layout of this world; then the frozen-reference path (last layout);
     then MPO runs straight and killed-and-resumed (`resume`: resume_run's arguments)."""
-    from megatron_keye.post_training.reference import reference_logprobs
+    from megatron_keye.post_training.reference import reference_logprobs_from_checkpoint
 
     results = {}
     for lname, layout in layouts.items():
@@ -245,7 +245,8 @@ def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
                            weights)
     outcome = run_head_case(frozen, frozen.loss_head)
     frozen.loader.step = 0
-    full = reference_logprobs(frozen.step_runner, frozen.loader.next_step())
+    full = reference_logprobs_from_checkpoint(config, f"{checkpoint_dir}/policy",
+                                              frozen.loader.next_step())
     results["frozen_reference"] = {"loss": outcome["loss"], "reports": outcome["reports"],
                                    "logprobs": None if full is None else torch.cat(full)}
     results["straight"] = resume_run(**resume, save_dir=f"{checkpoint_dir}/straight",

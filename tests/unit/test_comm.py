@@ -48,7 +48,8 @@ def test_all_reduce_values_uses_the_comm_device_and_returns_cpu(monkeypatch):
 
 # Modules whose job is moving model tensors (activations, K/V): those already live on the
 # compute device, which is the communication device of the model's groups.
-MODEL_TENSOR_COMMUNICATION = {"runtime/comm.py", "ops/attention/context_parallel.py"}
+MODEL_TENSOR_COMMUNICATION = {"runtime/comm.py", "ops/attention/context_parallel.py",
+                              "heads/logprobs.py"}
 
 
 def test_every_bookkeeping_collective_in_the_package_goes_through_comm():
