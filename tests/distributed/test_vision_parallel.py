@@ -40,6 +40,7 @@ def test_tensor_parallel_equals_one_process(results, layout):
     assert set(reference["grads"]) == set(full_vision_weights())
     for rank, per_rank in enumerate(results):
         got = per_rank[layout]
+        assert got["empty_shape"] == reference["empty_shape"] == (0, 40)
         for key in ("features", "embeddings", "odd_features", "odd_pixel_grad"):
             assert got[key].shape == reference[key].shape, (rank, key)
             assert _relative(got[key], reference[key]) <= TOLERANCE, (rank, key)

@@ -162,10 +162,12 @@ def run_layout(parallel, case: dict, weights: dict) -> dict:
     with torch.no_grad():
         perturbed_features = tower(case["perturbed"], grids)
         perturbed_embeddings = projector(perturbed_features, grids)
+    no_grids = torch.zeros(0, 3, dtype=torch.int64)  # a batch without images or videos
+    empty = projector(tower(pixels[:0], no_grids), no_grids)
     odd_pixels = case["odd_pixel_values"].clone().requires_grad_(True)
     odd_features = tower(odd_pixels, case["odd_grids"])
     (odd_features * case["odd_feature_grad"]).sum().backward()
-    return {"odd_features": odd_features.detach(), "odd_pixel_grad": odd_pixels.grad,
+    return {"empty_shape": tuple(empty.shape), "odd_features": odd_features.detach(), "odd_pixel_grad": odd_pixels.grad,
             "features": features.detach(), "embeddings": embeddings.detach(), "grads": grads,
             "perturbed_features": perturbed_features, "perturbed_embeddings": perturbed_embeddings}
 

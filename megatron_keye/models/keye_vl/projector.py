@@ -50,7 +50,7 @@ def merge_patches(features: torch.Tensor, grids: torch.Tensor, merge: int) -> to
     if index.numel() != features.size(0):
         raise ValueError(f"features has {features.size(0)} rows, vision_grids describe "
                          f"{index.numel()} patches")
-    return features[index].reshape(index.size(0), -1)
+    return features[index].reshape(index.size(0), index.size(1) * features.size(-1))
 
 
 class Projector(MegatronModule):
