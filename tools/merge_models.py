@@ -7,7 +7,7 @@
 
 import sys
 
-from megatron_keye.post_training.merging import cli_main
+from megatron_keye.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:], prog="tools/merge_models.py"))
+    sys.exit(main(["merge", *sys.argv[1:]]))
