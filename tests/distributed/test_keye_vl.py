@@ -142,6 +142,8 @@ def test_stage1_freezing_trains_the_projector_only(single):
 CASES = {
     "tp2_pp2": {"tensor": 2, "pipeline": 2},
     "cp2_tp2_sp": {"context": 2, "tensor": 2, "sp": True},
+    # Row 0 (one image) on DP rank 0: one of its CP ranks neither encodes nor receives anything.
+    "cp2_dp2": {"context": 2, "micro_batch": 1},
     "pp2_vpp2_dp2": {"pipeline": 2, "vpp": 2, "micro_batch": 1},
 }
 
