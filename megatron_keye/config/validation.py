@@ -130,6 +130,16 @@ def _validate_model(config: TrainConfig) -> None:
         )
     if p.context > 1:
         _validate_context_parallel(config)
+    if m.vision is not None:
+        # Placeholder tokens must be real vocabulary rows (they are replaced by embeddings).
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id"):
+            value = getattr(m, name)
+            if not 0 <= value < m.vocab_size:
+                raise ConfigError(f"model.{name}", f"{value} is outside the vocabulary "
+                                  f"(model.vocab_size={m.vocab_size})")
+        if m.image_token_id == m.video_token_id:
+            raise ConfigError("model.video_token_id", "must differ from model.image_token_id")
     if m.attention_backend in ("flash", "te"):
         import torch
 
