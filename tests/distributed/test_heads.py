@@ -126,6 +126,7 @@ def layouts_results(setup, tmp_path_factory):
               "iters": 4, "layout": {}}
     return run_workers(layouts_worker, 2, layouts=LAYOUTS, weights=setup["weights"],
                        batch=setup["batch"], cases=CASES, resume=resume,
+                       frozen_layouts=("pp2", "cp2"),
                        logprobs_check=logprobs_inputs(),
                        checkpoint_dir=str(tmp_path_factory.mktemp("heads")))
 
@@ -181,19 +182,20 @@ def test_preference_metrics_in_every_layout(setup, layouts_results):
 
 def test_frozen_reference_equal_to_policy_gives_log2(setup, layouts_results):
     expected_logprobs = setup["reference"]["logprobs"]
-    seen = 0
+    mask = setup["batch"]["labels"] != -100
+    seen = set()
     for r in layouts_results:
-        frozen = r["frozen_reference"]
-        assert frozen["loss"] == pytest.approx(math.log(2), abs=1e-6)
-        assert frozen["reports"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-        assert frozen["reports"]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-        assert frozen["reports"]["rewards/accuracies"] == 0.0
-        if frozen["logprobs"] is not None:
-            mask = setup["batch"]["labels"] != -100
-            err = relative_error(frozen["logprobs"][mask], expected_logprobs[mask])
-            assert err < TOLERANCE
-            seen += 1
-    assert seen
+        for layout in ("pp2", "cp2"):
+            frozen = r[("frozen_reference", layout)]
+            assert frozen["loss"] == pytest.approx(math.log(2), abs=1e-6), layout
+            assert frozen["reports"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+            assert frozen["reports"]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+            assert frozen["reports"]["rewards/accuracies"] == 0.0
+            if frozen["logprobs"] is not None:  # the last pipeline stage's ranks
+                err = relative_error(frozen["logprobs"][mask], expected_logprobs[mask])
+                assert err < TOLERANCE, layout
+                seen.add(layout)
+    assert seen == {"pp2", "cp2"}
 
 
 def test_bco_shift_survives_kill_and_resume(layouts_results):

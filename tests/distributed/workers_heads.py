@@ -219,8 +219,9 @@ def pipeline_phase(*, batch: dict, weights: dict, workdir: str, iters: int = 5) 
 
 
 def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
-                   checkpoint_dir: str, resume: dict, logprobs_check: dict | None = None) -> dict:
-    """Every case in every layout of this world; then the frozen-reference path (last layout);
+                   checkpoint_dir: str, resume: dict, frozen_layouts: tuple[str, ...],
+                   logprobs_check: dict | None = None) -> dict:
+    """Every case in every layout of this world; then the frozen-reference path (`frozen_layouts`);
     then MPO runs straight and killed-and-resumed (`resume`: resume_run's arguments)."""
     from megatron_keye.post_training.reference import reference_logprobs_from_checkpoint
 
@@ -238,17 +239,19 @@ def layouts_worker(*, layouts: dict, weights: dict, batch: dict, cases: dict,
     trainer.checkpointer.config.save_dir = f"{checkpoint_dir}/policy"
     trainer.checkpointer.save(chunks=trainer.model, optimizer=None,
                               state=trainer.training_state())  # weights only
-    config = tiny_config(layout, micro_batch=2, extra=(
-        "stage.loss_head=dpo", "stage.head.preference.reference=model",
-        f"stage.head.preference.reference_load={checkpoint_dir}/policy"))
-    frozen = build_trainer(config, [{k: v for k, v in batch.items() if k != "ref_logprobs"}],
-                           weights)
-    outcome = run_head_case(frozen, frozen.loss_head)
-    frozen.loader.step = 0
-    full = reference_logprobs_from_checkpoint(config, f"{checkpoint_dir}/policy",
-                                              frozen.loader.next_step())
-    results["frozen_reference"] = {"loss": outcome["loss"], "reports": outcome["reports"],
-                                   "logprobs": None if full is None else torch.cat(full)}
+    for lname in frozen_layouts:
+        config = tiny_config(layouts[lname], micro_batch=2, extra=(
+            "stage.loss_head=dpo", "stage.head.preference.reference=model",
+            f"stage.head.preference.reference_load={checkpoint_dir}/policy"))
+        frozen = build_trainer(config, [{k: v for k, v in batch.items() if k != "ref_logprobs"}],
+                               weights)
+        outcome = run_head_case(frozen, frozen.loss_head)
+        frozen.loader.step = 0
+        full = reference_logprobs_from_checkpoint(config, f"{checkpoint_dir}/policy",
+                                                  frozen.loader.next_step())
+        results[("frozen_reference", lname)] = {
+            "loss": outcome["loss"], "reports": outcome["reports"],
+            "logprobs": None if full is None else torch.cat(full)}
     results["straight"] = resume_run(**resume, save_dir=f"{checkpoint_dir}/straight",
                                      stop_at=resume["iters"])
     results["resumed"] = resume_run(**resume, save_dir=f"{checkpoint_dir}/resumed", stop_at=2)
