@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # trainer saves at the next step boundary and exits 0 on it and on SIGTERM).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# Seconds torchrun gives ranks to save after a forwarded signal before it kills them (slurm's
+# --signal=USR1@120 leaves 120 s).
+SHUTDOWN_TIMEOUT_S = 110
 NOT_FINISHED = 3  # exit status of --status/--progress while some stage is unfinished
 
 USAGE = """usage: megatron-keye pipeline RECIPE [RECIPE ...] [options] [--section.field=value ...]
@@ -261,7 +264,8 @@ def _stage_world_size(config: TrainConfig, options: PipelineOptions, where: str)
 
 def resolve_stages(recipes: list[str], options: PipelineOptions, common: list[str],
                    per_stage: dict[str, list[str]]) -> list[Stage]:
-    """Every stage's config with its overrides (and the --run-dir rewrites), checked up front."""
+    """Every stage's config with its overrides (and the --run-dir rewrites), checked up front
+    (layouts only when stages will run: --status and --progress need no world size)."""
     stages: list[Stage] = []
     used = set()
     recipe_save_dirs: list[str | None] = []
@@ -286,19 +290,21 @@ def resolve_stages(recipes: list[str], options: PipelineOptions, common: list[st
     if unknown:
         names = [f"{s.index} ({s.name})" for s in stages]
         raise ConfigError(f"--{unknown[0]}:", f"no such stage; stages are {names}")
-    check_stages(stages, options)
+    check_stages(stages, options, layouts=options.mode in ("run", "dry-run"))
     return stages
 
 
-def check_stages(stages: list[Stage], options: PipelineOptions) -> None:
+def check_stages(stages: list[Stage], options: PipelineOptions, *, layouts: bool = True) -> None:
     """Refuse a pipeline that cannot run to the end, before its first stage starts."""
     seen: dict[str, Stage] = {}
     for stage in stages:
         where = stage.label
-        try:
-            validate(stage.config, _stage_world_size(stage.config, options, where))
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err.field}", str(err).split(": ", 1)[-1]) from None
+        if layouts:
+            try:
+                validate(stage.config, _stage_world_size(stage.config, options, where))
+            except ConfigError as err:
+                field = err.field if err.field.startswith(where) else f"{where}: {err.field}"
+                raise ConfigError(field, str(err)[len(err.field) + 2:]) from None
         if not stage.save_dir:
             raise ConfigError(f"{where}: checkpoint.save_dir",
                               "required: a pipeline knows a stage is finished by its checkpoint")
@@ -328,7 +334,7 @@ def check_stages(stages: list[Stage], options: PipelineOptions) -> None:
 def stage_command(stage: Stage, options: PipelineOptions) -> list[str]:
     """The torchrun command line that trains one stage (on this node)."""
     run = [sys.executable, "-m", "torch.distributed.run",
-           f"--signals-to-handle={TORCHRUN_SIGNALS}"]
+           f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
     if options.rdzv_endpoint:
         host, _, port = options.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
