@@ -27,6 +27,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     _validate_parallel(config, world_size)
     _validate_model(config)
     _validate_schedule(config, world_size)
+    _validate_shard_data(config, world_size)
 
 
 def _validate_parallel(config: TrainConfig, world_size: int) -> None:
@@ -241,3 +242,30 @@ def check_tokenizer_fits(config: TrainConfig, tokenizer=None) -> None:
             f"the tokenizer ({where}, data.tokenizer) has {size} tokens but model.vocab_size is "
             f"{config.model.vocab_size}; use a model with at least {size} token ids",
         )
+
+
+def _validate_shard_data(config: TrainConfig, world_size: int) -> None:
+    """`data.kind: shards`: sources, weights and the loader's counts (files are checked later)."""
+    d = config.data
+    if d.kind != "shards":
+        return
+    if not d.sources:
+        raise ConfigError("data.sources", "data.kind=shards needs at least one source "
+                          "(path to a NAME.index.json, a directory or a tar pattern)")
+    for i, source in enumerate(d.sources):
+        if not source.path:
+            raise ConfigError(f"data.sources[{i}].path", "is empty")
+        if not source.weight >= 0 or source.weight == float("inf"):
+            raise ConfigError(f"data.sources[{i}].weight", f"must be a finite number >= 0, "
+                                                           f"got {source.weight}")
+    if sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources", "the weights must not all be zero")
+    minimums = {"num_workers": 0, "num_streams": 0, "shuffle_buffer": 1, "pack_open_rows": 1,
+                "prefetch_rows": 1, "image_max_tokens": 4, "video_max_tokens": 48}
+    for name, least in minimums.items():
+        if getattr(d, name) < least:
+            raise ConfigError(f"data.{name}", f"must be >= {least}, got {getattr(d, name)}")
+    dp = data_parallel_size(config.parallel, world_size)
+    if d.num_streams and d.num_streams % dp:
+        raise ConfigError("data.num_streams", f"{d.num_streams} is not a multiple of the "
+                                              f"data-parallel size {dp}")

@@ -137,3 +137,25 @@ def test_blend_of_three_sources_follows_the_weights(tmp_path):
     for name, weight in weights.items():
         share = 100 * counts[name] / total
         assert abs(share - weight) <= 3, f"{name}: {share:.1f}% of {total} samples, want {weight}%"
+
+
+@pytest.mark.parametrize("data,field", [
+    ({}, "data.sources"),
+    ({"sources": [{"path": "x", "weight": 0}]}, "data.sources"),
+    ({"sources": [{"path": "x", "weight": -1}]}, "data.sources[0].weight"),
+    ({"sources": [{"path": "x"}], "num_streams": 3}, "data.num_streams"),
+    ({"sources": [{"path": "x"}], "shuffle_buffer": 0}, "data.shuffle_buffer"),
+])
+def test_bad_shard_settings_are_refused_naming_the_field(data, field):
+    from megatron_keye.config.loading import ConfigError
+    from megatron_keye.config.validation import validate
+
+    config = config_from_dict({"model": {"flavor": "tiny"}, "data": {"kind": "shards", **data}})
+    with pytest.raises(ConfigError, match=f"^{field.replace('[', '.').replace(']', '.')}"):
+        validate(config, 2)
+
+
+def test_missing_source_is_an_error_naming_it(tmp_path):
+    config = make_config([(tmp_path / "nothing-{000..003}.tar", 1.0)])
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[0\].path: no shards"):
+        build_shard_loader(config, dp_rank=0, dp_size=1)
