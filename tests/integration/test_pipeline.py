@@ -10,6 +10,7 @@ uninterrupted run's final loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,10 +62,8 @@ def _metrics(stage_dir: Path) -> dict[int, dict]:
 def _kill_tree(process: subprocess.Popen) -> None:
     family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     for member in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             member.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     process.wait(timeout=60)
     psutil.wait_procs(family, timeout=60)
 
