@@ -159,3 +159,16 @@ def test_missing_source_is_an_error_naming_it(tmp_path):
     config = make_config([(tmp_path / "nothing-{000..003}.tar", 1.0)])
     with pytest.raises(FileNotFoundError, match=r"data.sources\[0\].path: no shards"):
         build_shard_loader(config, dp_rank=0, dp_size=1)
+
+
+def test_without_shuffle_one_stream_reads_the_corpus_in_file_order(corpus):
+    config = make_config([(corpus, 1.0)], streams=1, gbs=2, mbs=1, shuffle=False,
+                         pack_open_rows=1)  # one open row: rows keep the reading order
+    (loader,) = loaders(config, 1)
+    keys = []
+    while len(keys) < 60:
+        loader.next_step()
+        keys += [key for _, key, _ in loader.last_step_samples]
+    shard_order = [(key.split("@")[1], key.split("@")[0]) for key in keys[:60]]
+    assert shard_order == sorted(shard_order)  # shards in name order, samples in tar order
+    assert len(set(keys[:60])) == 60

@@ -64,11 +64,12 @@ class LoaderPlan:
     num_streams: int
     row: RowSettings
     encoder_factory: Callable[[], Callable]  # built once per worker process
+    shuffle: bool = True  # permute shards per epoch (and draw from shuffle buffers)
 
 
 def _orders(plan: LoaderPlan) -> list[EpochOrder]:
-    return [EpochOrder(source, source_index=i, seed=plan.seed, num_streams=plan.num_streams)
-            for i, source in enumerate(plan.sources)]
+    return [EpochOrder(source, source_index=i, seed=plan.seed, num_streams=plan.num_streams,
+                       shuffle=plan.shuffle) for i, source in enumerate(plan.sources)]
 
 
 class _Progress:
@@ -377,11 +378,13 @@ def build_shard_loader(config, *, dp_rank: int, dp_size: int, context_parallel: 
         video=replace(defaults.video, total_pixels=data.video_max_tokens * TOKEN_PIXELS))
     settings = RowSettings(seq_length=data.seq_length, pad_multiple=2 * context_parallel,
                            overlong=data.overlong, open_rows=data.pack_open_rows,
-                           shuffle_buffer=data.shuffle_buffer, ids=tokenizer.vision,
+                           shuffle_buffer=data.shuffle_buffer if data.shuffle else 1,
+                           ids=tokenizer.vision,
                            pad_id=tokenizer.pad_id)
     num_streams = data.num_streams or dp_size * max(data.num_workers, 1)
     plan = LoaderPlan(sources=tuple(resolve_sources(data.sources)), seed=data.seed,
-                      num_streams=num_streams, row=settings, encoder_factory=encoder)
+                      num_streams=num_streams, row=settings, encoder_factory=encoder,
+                      shuffle=data.shuffle)
     return ShardBatchLoader(plan, global_batch_size=config.schedule.global_batch_size,
                             micro_batch_size=config.schedule.micro_batch_size, dp_rank=dp_rank,
                             dp_size=dp_size, num_workers=data.num_workers,

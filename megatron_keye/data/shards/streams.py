@@ -76,24 +76,29 @@ class SourceShards:
 class EpochOrder:
     """The order of one source's samples in each epoch, and each stream's slice of it."""
 
-    def __init__(self, source: SourceShards, *, source_index: int, seed: int, num_streams: int):
+    def __init__(self, source: SourceShards, *, source_index: int, seed: int, num_streams: int,
+                 shuffle: bool = True):
         if source.total <= 0:
             raise ValueError(f"data.sources[{source.name}]: has no samples")
         self.source = source
         self.source_index = source_index
         self.seed = seed
         self.num_streams = num_streams
-        self._cache: tuple[int, list[int], list[int]] | None = None
+        self.shuffle = shuffle
+        self._cache: dict[int, tuple[list[int], list[int]]] = {}
 
     def _epoch(self, epoch: int) -> tuple[list[int], list[int]]:
-        if self._cache is None or self._cache[0] != epoch:
+        if epoch not in self._cache:
             order = list(range(len(self.source.shards)))
-            random.Random(mix64(self.seed, self.source_index, epoch, 1)).shuffle(order)
+            if self.shuffle:
+                random.Random(mix64(self.seed, self.source_index, epoch, 1)).shuffle(order)
             starts = [0]
             for shard in order:
                 starts.append(starts[-1] + self.source.counts[shard])
-            self._cache = (epoch, order, starts)
-        return self._cache[1], self._cache[2]
+            if len(self._cache) >= 4:  # streams of one worker may be a few epochs apart
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = (order, starts)
+        return self._cache[epoch]
 
     def slice_bounds(self, stream: int, epoch: int) -> tuple[int, int]:
         """[lo, hi) positions of the epoch order that `stream` reads in `epoch`."""
