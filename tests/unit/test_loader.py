@@ -172,3 +172,17 @@ def test_without_shuffle_one_stream_reads_the_corpus_in_file_order(corpus):
     shard_order = [(key.split("@")[1], key.split("@")[0]) for key in keys[:60]]
     assert shard_order == sorted(shard_order)  # shards in name order, samples in tar order
     assert len(set(keys[:60])) == 60
+
+
+def test_shards_of_another_tokenizer_are_refused(corpus, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus.parent, copy)
+    index = copy / corpus.name
+    value = json.loads(index.read_text())
+    value["tokenizer_sha256"] = "ab" * 32
+    index.write_text(json.dumps(value))
+    with pytest.raises(ValueError, match=r"data.sources\[0\].path: .* another tokenizer"):
+        build_shard_loader(make_config([(index, 1.0)]), dp_rank=0, dp_size=1)

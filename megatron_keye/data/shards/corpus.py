@@ -9,6 +9,7 @@ braces and globs) whose sample counts are read from the tar headers.
 from __future__ import annotations
 
 import glob
+import hashlib
 from pathlib import Path
 
 from braceexpand import braceexpand
@@ -19,10 +20,25 @@ from megatron_keye.data.shards.streams import SourceShards
 from megatron_keye.data.shards.tar_reader import TarShard
 
 
-def _from_indexes(indexes: list[Path]) -> tuple[list[str], list[int], list[int]]:
+def tokenizer_fingerprint(spec: str | None) -> str:
+    """sha256 of the tokenizer.json a `data.tokenizer` value names (None: the shipped one), as
+    the preprocess writer records it in each index."""
+    from megatron_keye.data.text.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    path = Path(spec) if spec else DEFAULT_TOKENIZER_DIR
+    path = path / "tokenizer.json" if path.is_dir() else path
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _from_indexes(indexes: list[Path], *, tokenizer_sha256: str | None,
+                  where: str) -> tuple[list[str], list[int], list[int]]:
     shards, counts, sizes = [], [], []
     for index_file in indexes:
         index = read_index(index_file)
+        if tokenizer_sha256 and index.tokenizer_sha256 and index.tokenizer_sha256 != tokenizer_sha256:
+            raise ValueError(f"{where}: {index_file} was tokenized with another tokenizer than "
+                             f"data.tokenizer names (sha256 {index.tokenizer_sha256[:12]}... vs "
+                             f"{tokenizer_sha256[:12]}...); preprocess again or set data.tokenizer")
         for info in index.shards:
             shards.append(str(index_file.parent / info.file))
             counts.append(info.samples)
@@ -30,7 +46,8 @@ def _from_indexes(indexes: list[Path]) -> tuple[list[str], list[int], list[int]]
     return shards, counts, sizes
 
 
-def resolve_source(config: DataSourceConfig, *, position: int) -> SourceShards:
+def resolve_source(config: DataSourceConfig, *, position: int,
+                   tokenizer_sha256: str | None = None) -> SourceShards:
     """One configured source as shard files with sample counts; errors name the field."""
     where = f"data.sources[{position}].path"
     if not config.path:
@@ -40,12 +57,14 @@ def resolve_source(config: DataSourceConfig, *, position: int) -> SourceShards:
     path = Path(config.path)
     name = config.name
     if path.is_file() and path.name.endswith(".index.json"):
-        shards, counts, sizes = _from_indexes([path])
+        shards, counts, sizes = _from_indexes([path], tokenizer_sha256=tokenizer_sha256,
+                                              where=where)
         name = name or path.name.removesuffix(".index.json")
     elif path.is_dir():
         indexes = sorted(path.glob("*.index.json"))
         if indexes:
-            shards, counts, sizes = _from_indexes(indexes)
+            shards, counts, sizes = _from_indexes(indexes, tokenizer_sha256=tokenizer_sha256,
+                                                  where=where)
         else:
             shards = sorted(str(p) for p in path.glob("*.tar"))
             counts, sizes = [len(TarShard(s, source=str(path))) for s in shards], []
@@ -63,11 +82,14 @@ def resolve_source(config: DataSourceConfig, *, position: int) -> SourceShards:
                         counts=tuple(counts), sizes=tuple(sizes))
 
 
-def resolve_sources(configs: list[DataSourceConfig]) -> list[SourceShards]:
-    """Every configured source, resolved; names must be unique."""
+def resolve_sources(configs: list[DataSourceConfig], *,
+                    tokenizer_sha256: str | None = None) -> list[SourceShards]:
+    """Every configured source, resolved; names must be unique, and indexes must have been
+    written with the tokenizer whose fingerprint is given (when given)."""
     if not configs:
         raise ValueError("data.sources: data.kind=shards needs at least one source")
-    sources = [resolve_source(c, position=i) for i, c in enumerate(configs)]
+    sources = [resolve_source(c, position=i, tokenizer_sha256=tokenizer_sha256)
+               for i, c in enumerate(configs)]
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -360,7 +360,7 @@ def build_shard_loader(config, *, dp_rank: int, dp_size: int, context_parallel: 
                        dp_group=None, log_events: bool = True) -> ShardBatchLoader:
     """The shard loader a `TrainConfig` with `data.kind: shards` asks for."""
     from megatron_keye.data.media.image import TOKEN_PIXELS
-    from megatron_keye.data.shards.corpus import resolve_sources
+    from megatron_keye.data.shards.corpus import resolve_sources, tokenizer_fingerprint
     from megatron_keye.data.shards.encode import EncoderSettings
     from megatron_keye.data.text.tokenizer import KeyeTokenizer
 
@@ -382,7 +382,8 @@ def build_shard_loader(config, *, dp_rank: int, dp_size: int, context_parallel: 
                            ids=tokenizer.vision,
                            pad_id=tokenizer.pad_id)
     num_streams = data.num_streams or dp_size * max(data.num_workers, 1)
-    plan = LoaderPlan(sources=tuple(resolve_sources(data.sources)), seed=data.seed,
+    sources = resolve_sources(data.sources, tokenizer_sha256=tokenizer_fingerprint(data.tokenizer))
+    plan = LoaderPlan(sources=tuple(sources), seed=data.seed,
                       num_streams=num_streams, row=settings, encoder_factory=encoder,
                       shuffle=data.shuffle)
     return ShardBatchLoader(plan, global_batch_size=config.schedule.global_batch_size,
