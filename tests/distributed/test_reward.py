@@ -78,7 +78,7 @@ def test_reward_loss_and_gradients_equal_unsharded(parity, name):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
-    results = run_workers(train_worker, 2, layout={"tensor": 2, "sp": True},
+    results = run_workers(train_worker, 2, layout={},
                           save_dir=str(root / "ckpt"), steps=40, lr=0.003)
     return results[0], root
 
