@@ -1,9 +1,11 @@
 """Generation with the KV cache against a no-cache recompute reference and across layouts.
 
-Two spawned worlds: one rank runs every TP=1 case (greedy and sampled tokens and log-probs vs the
-reference, a vision prompt through the front end, seeds, stop tokens, HF export → import →
-same tokens, transformers' generate on the export) and saves the checkpoints; four ranks then
-load them through the CLI's rank function at TP=2×PP=2, TP=1×PP=2×DP=2 and TP=2×DP=2.
+Two spawned worlds: one rank runs every TP=1 case (a text model's greedy and sampled tokens and
+log-probs vs the reference, seeds, stop tokens; a vision model's image prompt through the front
+end vs the reference; its full HF export imported back generating the same tokens, and
+transformers' Qwen3ForCausalLM.generate on the exported language model) and saves the vision
+model's checkpoint; four ranks then load it through the CLI's rank function at TP=2×PP=2,
+TP=1×PP=2×DP=2 and TP=2×DP=2 (text and image prompts).
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("generation")
-    paths = {"text_dir": str(root / "text"), "vision_dir": str(root / "vision"),
-             "hf_dir": str(root / "hf")}
+    paths = {"checkpoint_dir": str(root / "checkpoint"), "hf_dir": str(root / "hf")}
     (result,) = run_workers(single_rank_worker, 1, timeout=600, threads=2, **paths)
     return {"paths": paths, **result}
 
@@ -79,9 +80,24 @@ def test_vision_prompt_equals_recompute(single):
 
 
 def test_exported_model_generates_the_same(single):
-    assert single["reimported"]["tokens"] == single["greedy"]["tokens"]
     assert single["vision_reimported"]["tokens"] == single["vision"]["tokens"]
-    assert single["transformers"] == single["greedy"]["tokens"]
+    assert single["vl_text_reimported"]["tokens"] == single["vl_text"]["tokens"]
+    assert single["transformers"] == single["vl_text"]["tokens"]
+
+
+def test_cli_prints_the_generation(single):
+    """`megatron-keye generate --image PNG --json` (one rank) gives the front end's tokens; it
+    stops at the tokenizer's eos/pad tokens by default."""
+    from megatron_keye.data.text.tokenizer import KeyeTokenizer
+
+    tok = KeyeTokenizer.default()
+    (record,) = single["cli"]
+    expected = single["vision"]["tokens"][0]
+    stops = [i for i, t in enumerate(expected) if t in (tok.eos_id, tok.pad_id)]
+    expected = expected[: stops[0] + 1] if stops else expected
+    assert record["tokens"] == expected
+    assert record["text"] == tok.decode(expected)
+    assert len(record["logprobs"]) == len(expected) and record["prompt"] == 0
 
 
 def test_layouts_equal_tp1(single):
@@ -96,11 +112,11 @@ def test_layouts_equal_tp1(single):
         dict(name="tp2dp2_vision_sampled", tensor=2, pipeline=1, vision=True, sampling=SAMPLED),
     ]
     results = run_workers(layouts_worker, 4, timeout=600, cases=cases,
-                          text_dir=paths["text_dir"], vision_dir=paths["vision_dir"])
+                          checkpoint_dir=paths["checkpoint_dir"])
     for rank, result in enumerate(results):  # every rank returns every row
-        _same_rows(result["tp2pp2"], single["greedy"])
-        _same_rows(result["tp2pp2_sampled"], single["sampled"])
-        _same_rows(result["tp1pp2dp2_sampled"], single["sampled"])
+        _same_rows(result["tp2pp2"], single["vl_text"])
+        _same_rows(result["tp2pp2_sampled"], single["vl_text_sampled"])
+        _same_rows(result["tp1pp2dp2_sampled"], single["vl_text_sampled"])
         _same_rows(result["tp2pp2_vision"], single["vision"])
         _same_rows(result["tp2dp2_vision_sampled"], single["vision_sampled"])
         assert result.keys() == results[0].keys(), rank

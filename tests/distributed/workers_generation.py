@@ -141,22 +141,23 @@ SAMPLED = dict(temperature=0.8, top_p=0.9, seed=5)
 STEPS = 6
 
 
-def single_rank_worker(*, text_dir: str, vision_dir: str, hf_dir: str) -> dict:
-    """TP=PP=1: cache vs reference (greedy, sampled, vision), seeds, stop tokens, HF round trip."""
+def single_rank_worker(*, checkpoint_dir: str, hf_dir: str) -> dict:
+    """TP=PP=1: cache vs reference (text model: greedy, sampled, seeds, stop tokens; vision
+    model: image prompt), then the vision model saved, exported to HF, imported back and
+    generating again, and transformers' Qwen3ForCausalLM on the exported language model."""
     from megatron_keye.post_training.generation import GenerationOptions, generate
 
     out: dict = {}
+    greedy_options = GenerationOptions(max_new_tokens=STEPS)
+    sampled_options = GenerationOptions(max_new_tokens=STEPS, samples_per_prompt=2, **SAMPLED)
     config = gen_config({})
     chunks = _build(config)
-    _save(chunks, config, text_dir)
     vocab = config.model.vocab_size
     prompts = text_prompts()
-    greedy = generate(chunks, prompts, GenerationOptions(max_new_tokens=STEPS), pad_id=0)
-    out["greedy"] = _rows(greedy)
+    out["greedy"] = _rows(generate(chunks, prompts, greedy_options, pad_id=0))
     out["greedy_ref"] = recompute_reference(chunks[0], prompts, steps=STEPS, vocab_size=vocab)
-    options = GenerationOptions(max_new_tokens=STEPS, samples_per_prompt=2, **SAMPLED)
-    out["sampled"] = _rows(generate(chunks, prompts, options, pad_id=0))
-    out["sampled_again"] = _rows(generate(chunks, prompts, options, pad_id=0))
+    out["sampled"] = _rows(generate(chunks, prompts, sampled_options, pad_id=0))
+    out["sampled_again"] = _rows(generate(chunks, prompts, sampled_options, pad_id=0))
     out["sampled_ref"] = recompute_reference(chunks[0], prompts, steps=STEPS, samples=2,
                                              vocab_size=vocab, **SAMPLED)
     other = GenerationOptions(max_new_tokens=STEPS, samples_per_prompt=2,
@@ -169,35 +170,32 @@ def single_rank_worker(*, text_dir: str, vision_dir: str, hf_dir: str) -> dict:
                                                           stop_token_ids=(stop,)), pad_id=0)
     out["stopped"] = _rows(stopped)
 
-    # A vision model: image prompt through the front end, M-RoPE decode positions.
+    # The vision model: an image prompt through the front end, M-RoPE decode positions.
     vconfig = gen_config({}, vision=True)
     vchunks = _build(vconfig)
-    _save(vchunks, vconfig, vision_dir)
+    _save(vchunks, vconfig, checkpoint_dir)
     vprompts = vision_prompts()
-    out["vision"] = _rows(generate(vchunks, vprompts, GenerationOptions(max_new_tokens=STEPS),
-                                   pad_id=0))
+    out["vision"] = _rows(generate(vchunks, vprompts, greedy_options, pad_id=0))
     out["vision_ref"] = recompute_reference(vchunks[0], vprompts, steps=STEPS, vocab_size=vocab)
     voptions = GenerationOptions(max_new_tokens=STEPS, **SAMPLED)
     out["vision_sampled"] = _rows(generate(vchunks, vprompts, voptions, pad_id=0))
     out["vision_sampled_ref"] = recompute_reference(vchunks[0], vprompts, steps=STEPS,
                                                     vocab_size=vocab, **SAMPLED)
+    # Text prompts on the vision model: the TP=1 baseline of the layouts world.
+    out["vl_text"] = _rows(generate(vchunks, prompts, greedy_options, pad_id=0))
+    out["vl_text_sampled"] = _rows(generate(vchunks, prompts, sampled_options, pad_id=0))
 
-    # HF export (in this process: world of one), import back, generate again; transformers too.
+    # The full Keye-VL HF export (this process is a world of one), imported back.
     from megatron_keye.convert import export_hf, import_hf
 
-    export_hf(text_dir, hf_dir)
+    export_hf(checkpoint_dir, hf_dir)
     import_hf(hf_dir, hf_dir + "-native")
-    chunks = _load(gen_config({}), hf_dir + "-native")
-    out["reimported"] = _rows(generate(chunks, prompts, GenerationOptions(max_new_tokens=STEPS),
-                                       pad_id=0))
-    export_hf(vision_dir, hf_dir + "-vl")  # the full Keye-VL export (vision tower included)
-    import_hf(hf_dir + "-vl", hf_dir + "-vl-native")
-    vchunks = _load(gen_config({}, vision=True), hf_dir + "-vl-native")
-    out["vision_reimported"] = _rows(generate(vchunks, vprompts,
-                                              GenerationOptions(max_new_tokens=STEPS), pad_id=0))
-    from transformers import AutoModelForCausalLM
+    vchunks = _load(gen_config({}, vision=True), hf_dir + "-native")
+    out["vision_reimported"] = _rows(generate(vchunks, vprompts, greedy_options, pad_id=0))
+    out["vl_text_reimported"] = _rows(generate(vchunks, prompts, greedy_options, pad_id=0))
+    from transformers import Qwen3ForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf_tokens = []
@@ -207,10 +205,27 @@ def single_rank_worker(*, text_dir: str, vision_dir: str, hf_dir: str) -> dict:
             full = hf.generate(ids, max_new_tokens=STEPS, do_sample=False, use_cache=True)
         hf_tokens.append(full[0, ids.size(1):].tolist())
     out["transformers"] = hf_tokens
+
+    # The CLI as one rank of a launcher's world: an image file and the chat template.
+    import contextlib
+    import io
+    import json
+
+    from megatron_keye.data.media.synthetic_media import image_bytes, synthetic_image
+    from megatron_keye.post_training.generate_cli import main as generate_main
+
+    image_path = hf_dir + "-image.png"
+    with open(image_path, "wb") as f:
+        f.write(image_bytes(synthetic_image(56, 84, seed=3)))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        generate_main(["--checkpoint", checkpoint_dir, "--prompt", "What is in the picture?",
+                       "--image", image_path, "--max-new-tokens", str(STEPS), "--json"])
+    out["cli"] = [json.loads(line) for line in printed.getvalue().splitlines()]
     return out
 
 
-def layouts_worker(*, cases: list[dict], text_dir: str, vision_dir: str) -> dict:
+def layouts_worker(*, cases: list[dict], checkpoint_dir: str) -> dict:
     """The CLI's rank function at several layouts of one world (each rank returns all rows)."""
     from megatron_keye.post_training.generate_cli import generate_rank
     from megatron_keye.post_training.generation import GenerationOptions
@@ -220,7 +235,7 @@ def layouts_worker(*, cases: list[dict], text_dir: str, vision_dir: str) -> dict
         prompts = vision_prompts() if case["vision"] else text_prompts()
         options = GenerationOptions(max_new_tokens=STEPS, **case.get("sampling", {}),
                                     samples_per_prompt=case.get("samples", 1))
-        result = generate_rank(checkpoint=vision_dir if case["vision"] else text_dir,
+        result = generate_rank(checkpoint=checkpoint_dir,
                                prompts=prompts, options=options, tensor=case["tensor"],
                                pipeline=case["pipeline"], pad_id=0)
         out[case["name"]] = _rows(result)
