@@ -221,6 +221,9 @@ class RowStream:
             for value in refs:
                 ref = SampleRef.from_list(value)
                 unit = self._fit(self._encode(ref), self._key(ref), "")
+                if unit is None:
+                    raise RuntimeError(f"loader state: sample {self._key(ref)} was packed before "
+                                       f"but no longer fits a row (data.seq_length changed?)")
                 units.append(_Unit(ref=ref, unit=unit,
                                    length=unit.length(self.settings.pad_multiple)))
             return units
