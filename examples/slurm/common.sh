@@ -32,8 +32,11 @@ keye_cluster_env() {
 keye_rendezvous() {
     # The c10d store lives on the first node of the allocation (it hosts it: is_host below).
     local nodelist=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-localhost}}
-    KEYE_HEAD=$(scontrol show hostnames "$nodelist" | head -n 1)
-    export KEYE_HEAD
+    # (all of the list, then its first line: `| head -n 1` would SIGPIPE scontrol on a long
+    # list and fail the script under pipefail)
+    local hosts
+    hosts=$(scontrol show hostnames "$nodelist")
+    export KEYE_HEAD=${hosts%%$'\n'*}
     export KEYE_PORT=${KEYE_PORT:-29500}
 }
 

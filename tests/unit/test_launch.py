@@ -323,3 +323,15 @@ def test_checkpoint_iteration(tmp_path):
     (tmp_path / ".old_iter_0000012").mkdir()  # a re-save interrupted: the old copy counts
     (tmp_path / ".old_iter_0000012" / "metadata.json").write_text("{}")
     assert checkpoint_iteration(tmp_path) == 12
+
+
+def test_rendezvous_head_is_the_first_node_of_a_long_list(tmp_path):
+    env = _fake_bin(tmp_path, {
+        "scontrol": 'echo "$*" > "$LOG"; for i in $(seq -w 1 5000); do echo "gpu$i"; done\n'})
+    env["SLURM_JOB_NODELIST"] = "gpu[0001-5000]"
+    done = subprocess.run(["bash", "-c", f'set -euo pipefail; source "{SLURM_DIR}/common.sh"; '
+                           'keye_rendezvous; echo "$KEYE_HEAD:$KEYE_PORT"'],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "gpu0001:29500"
+    assert (tmp_path / "log").read_text().strip() == "show hostnames gpu[0001-5000]"
