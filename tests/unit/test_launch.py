@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +339,53 @@ def test_rendezvous_head_is_the_first_node_of_a_long_list(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "gpu0001:29500"
     assert (tmp_path / "log").read_text().strip() == "show hostnames gpu[0001-5000]"
+
+
+FAKE_STAGE = r"""
+import os, signal, sys, time
+from pathlib import Path
+save_dir, ready = Path(sys.argv[1]), Path(sys.argv[2])
+def stop(signum, frame):  # what the trainer does: save at the step boundary, exit 0
+    (save_dir / "iter_0000003").mkdir(parents=True)
+    (save_dir / "iter_0000003" / "metadata.json").write_text("{}")
+    (save_dir / "latest").write_text("iter_0000003\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+ready.write_text(str(os.getpid()))
+time.sleep(60)
+sys.exit(5)
+"""
+
+
+def test_pipeline_forwards_a_stop_signal_and_does_not_start_the_next_stage(tmp_path, monkeypatch,
+                                                                          capsys):
+    from megatron_keye import stages as stages_module
+
+    ready = tmp_path / "ready"
+    launched = []
+
+    def fake_command(stage, options):
+        launched.append(stage.index)
+        return [sys.executable, "-c", FAKE_STAGE, stage.save_dir, str(ready)]
+
+    monkeypatch.setattr(stages_module, "stage_command", fake_command)
+    recipes, options, common, per_stage = parse_pipeline_args(
+        ["tiny-cpu-text", "tiny-cpu-text", f"--run-dir={tmp_path / 'run'}", "--nproc=1",
+         "--parallel.tensor=1", "--parallel.pipeline=1", "--parallel.sequence_parallel=false",
+         "--schedule.train_iters=10", "--schedule.warmup_iters=1", "--2:stage.name=second"])
+    stages = resolve_stages(recipes, options, common, per_stage)
+
+    def signal_when_ready():
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # slurm/the user signals the pipeline process
+
+    sender = threading.Thread(target=signal_when_ready)
+    sender.start()
+    rc = stages_module.run_stages(stages, options)
+    sender.join()
+    out = capsys.readouterr().out
+    assert rc == 0 and launched == [1]
+    assert "SIGTERM: stopped in stage 1 (pretrain, tiny-cpu-text) at iteration 3 of 10" in out
+    assert checkpoint_iteration(stages[0].save_dir) == 3
