@@ -319,6 +319,11 @@ def check_stages(stages: list[Stage], options: PipelineOptions, *, layouts: bool
             raise ConfigError(f"{where}: checkpoint.load",
                               f"{load} does not exist and no earlier stage writes it")
         scope = stage.config.checkpoint.load_state
+        if writer is not None and scope == "resume" and not stage.config.checkpoint.load_weights_only:
+            raise ConfigError(f"{where}: checkpoint.load_state",
+                              f"resume would continue {writer.label}'s iteration, LR schedule and "
+                              f"data position; a new stage starts with weights+optimizer or "
+                              f"weights")
         if load and scope == "weights+optimizer" and not stage.config.checkpoint.load_weights_only:
             from megatron_keye.config import config_to_dict
 

@@ -283,6 +283,8 @@ def test_pipeline_refuses_what_cannot_run_before_starting(tmp_path):
     # stage 1 trained the projector only: its Adam state cannot seed a full-model optimizer
     with pytest.raises(ConfigError, match=r"stage 2 .*checkpoint.load_state: .*stage.freeze"):
         _stages([*base, "--1:checkpoint.load=null", "--2:checkpoint.load_state=weights+optimizer"])
+    with pytest.raises(ConfigError, match=r"stage 2 .*load_state: resume would continue stage 1"):
+        _stages([*base, "--1:checkpoint.load=null", "--2:checkpoint.load_state=resume"])
     with pytest.raises(ConfigError, match=r"stage 2 .*save_dir: .* is also stage 1"):
         _stages(["tiny-cpu-stage1", "tiny-cpu-stage2", "--checkpoint.save_dir=/tmp/same",
                  "--1:checkpoint.load=null", "--dry-run"])
@@ -372,7 +374,8 @@ def test_pipeline_forwards_a_stop_signal_and_does_not_start_the_next_stage(tmp_p
     recipes, options, common, per_stage = parse_pipeline_args(
         ["tiny-cpu-text", "tiny-cpu-text", f"--run-dir={tmp_path / 'run'}", "--nproc=1",
          "--parallel.tensor=1", "--parallel.pipeline=1", "--parallel.sequence_parallel=false",
-         "--schedule.train_iters=10", "--schedule.warmup_iters=1", "--2:stage.name=second"])
+         "--schedule.train_iters=10", "--schedule.warmup_iters=1", "--2:stage.name=second",
+         "--2:checkpoint.load_state=weights"])
     stages = resolve_stages(recipes, options, common, per_stage)
 
     def signal_when_ready():
