@@ -18,6 +18,7 @@ from tests.distributed.workers_reward import parity_worker, train_worker
 
 LAYOUTS = {
     "tp2_sp": {"tensor": 2, "sp": True},
+    "tp2": {"tensor": 2},
     "cp2_packed": {"context": 2},
     "dp2": {},
     "pp2": {"pipeline": 2},
