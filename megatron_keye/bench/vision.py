@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-hidden", type=int, default=512, help="projector output width")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side and mode")
     parser.add_argument("--scale", type=float, default=1.0, help="scale every grid side")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for both sides (0: torch's default); 1 is the least "
+                             "sensitive to other processes on a shared machine")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, info = measure(args)
     print_table(rows, info)
