@@ -431,6 +431,10 @@ class Trainer:
                 check_optimizer_transfer(cfg.load, self.config)
         else:
             return
+        # This run's optimizer hyper-parameters (lr, max_lr/min_lr the scheduler reads, weight
+        # decay, betas): a weights+optimizer load keeps the saved moments, not the saved settings.
+        hyper = [{k: v for k, v in group.items() if k not in ("params", "step")}
+                 for group in self.optimizer.param_groups]
         state = self.checkpointer.load(
             source,
             chunks=self.model,
@@ -444,7 +448,13 @@ class Trainer:
             return
         if not own and cfg.load_state == "weights+optimizer":
             # A new stage that keeps the Adam moments but runs its own LR schedule from step 0
-            # on its own data: the loaded param groups still carry the old stage's rate.
+            # on its own data: the loaded param groups carry the old stage's rates and limits.
+            groups = self.optimizer.param_groups
+            if len(groups) != len(hyper):
+                raise ValueError(f"checkpoint.load_state: {source} has {len(groups)} optimizer "
+                                 f"parameter groups, this run {len(hyper)}; use weights")
+            for group, settings in zip(groups, hyper, strict=True):
+                group.update(settings)
             self.scheduler.step(increment=0)
             if dist.get_rank() == 0:
                 log.info("%s: loaded weights and optimizer state from %s; LR schedule, "
