@@ -103,6 +103,10 @@ def test_batch_has_images_and_slow_fast_video(setup):
     grids = setup["batch"]["vision_grids"].tolist()
     assert grids[:2] == [[1, 4, 6], [1, 2, 4]]  # two images of different sizes
     assert grids[2:] == [[1, 4, 4], [1, 2, 2], [1, 4, 4], [1, 2, 2]]  # slow, fast, slow, fast
+    # Row 0's image pads straddle the boundary of the first CP=2 chunk.
+    tokens = setup["batch"]["tokens"][0]
+    pads = (tokens == setup["config"].model.image_token_id).nonzero().flatten()
+    assert pads.min() < 16 <= pads.max()
 
 
 def test_reference_has_vision_gradients(single):
@@ -142,7 +146,8 @@ def test_stage1_freezing_trains_the_projector_only(single):
 CASES = {
     "tp2_pp2": {"tensor": 2, "pipeline": 2},
     "cp2_tp2_sp": {"context": 2, "tensor": 2, "sp": True},
-    # Row 0 (one image) on DP rank 0: one of its CP ranks neither encodes nor receives anything.
+    # Row 0 (one image) on DP rank 0: one of its CP ranks encodes nothing, yet receives the
+    # embeddings of the image pads in its chunk (and returns their gradients).
     "cp2_dp2": {"context": 2, "micro_batch": 1},
     "pp2_vpp2_dp2": {"pipeline": 2, "vpp": 2, "micro_batch": 1},
 }

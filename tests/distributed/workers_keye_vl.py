@@ -45,7 +45,8 @@ def demo_batch(*, drop_pad_in_row: int | None = None) -> dict:
     video = VisionMedia.video(torch.cat([f.pixel_values for f in frames]),
                               torch.tensor([list(f.grid_thw) for f in frames]))
     fast = [False, True, False, True]
-    row0 = [*tok.encode("Look at this:"), *image_token_ids(first.grid_thw, ids=ids),
+    # Row 0's image pads (tokens 14-19) straddle the first CP=2 chunk boundary (16).
+    row0 = [*tok.encode("Here it is. Look at this:"), *image_token_ids(first.grid_thw, ids=ids),
             *tok.encode(" what is it?")]
     row1 = [*tok.encode("A"), *image_token_ids(second.grid_thw, ids=ids), *tok.encode(" and"),
             *video_token_ids(video.grids, fast=fast, timestamps=[0.0, 0.5, 1.0, 1.5],
