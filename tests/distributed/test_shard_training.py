@@ -32,7 +32,7 @@ def test_train_from_shards_skips_bad_samples_and_resumes_on_another_dp_size(tmp_
     ]
     full = run_workers(train_from_shards_worker, 2,
                        overrides=[*common, "parallel.tensor=2", "checkpoint.save_interval=2"])
-    assert full[0]["losses"] == full[1]["losses"]  # TP peers trained on identical batches
+    assert full[0]["batches"] == full[1]["batches"]  # TP peers got identical batches
     losses = full[0]["losses"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     m = full[0]["metrics"]
@@ -45,5 +45,6 @@ def test_train_from_shards_skips_bad_samples_and_resumes_on_another_dp_size(tmp_
     resumed = run_workers(train_from_shards_worker, 2,
                           overrides=[*common, "parallel.tensor=1", "checkpoint.save_at_end=false"])
     assert [r["start"] for r in resumed] == [2, 2]
+    assert resumed[0]["batches"] != resumed[1]["batches"]  # DP ranks got different rows
     (third,) = resumed[0]["losses"]
     assert math.isclose(third, losses[2], rel_tol=1e-5), (third, losses)
