@@ -186,3 +186,23 @@ def test_shards_of_another_tokenizer_are_refused(corpus, tmp_path):
     index.write_text(json.dumps(value))
     with pytest.raises(ValueError, match=r"data.sources\[0\].path: .* another tokenizer"):
         build_shard_loader(make_config([(index, 1.0)]), dp_rank=0, dp_size=1)
+
+
+def test_deficit_blending_keeps_every_prefix_within_one_sample_of_the_weights():
+    from megatron_keye.data.shards.streams import DeficitBlender
+
+    blender = DeficitBlender([24, 50, 26])
+    for n in range(1, 1001):
+        blender.record(blender.choose())
+        for weight, count in zip(blender.weights, blender.counts, strict=True):
+            assert abs(count - weight * n) <= 1, (n, blender.counts)
+
+
+def test_stream_assignment_deals_streams_to_dp_ranks_then_workers():
+    from megatron_keye.data.shards.streams import stream_assignment
+
+    assert stream_assignment(num_streams=8, dp_rank=1, dp_size=2, num_workers=2) == ([1, 3, 5, 7], 2)
+    assert stream_assignment(num_streams=8, dp_rank=3, dp_size=4, num_workers=4) == ([3, 7], 2)
+    assert stream_assignment(num_streams=4, dp_rank=0, dp_size=4, num_workers=2) == ([0], 1)
+    with pytest.raises(ValueError, match="data.num_streams"):
+        stream_assignment(num_streams=6, dp_rank=0, dp_size=4, num_workers=1)
