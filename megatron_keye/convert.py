@@ -129,10 +129,14 @@ def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str,
             if not 0 <= value < model["vocab_size"]:
                 raise ValueError(f"{config_file}: {key}={value} is outside the vocabulary "
                                  f"(vocab_size={model['vocab_size']})")
+    stage = {}
+    if model.get("output_head") == "value":  # a sequence classifier: a reward model
+        stage = {"loss_head": "reward", "head": {"reward": {"pad_token_id": hf.get("pad_token_id")}}}
     return config_from_dict({
         "model": {"flavor": "8b", **model},
         "parallel": {"tensor": tensor, "pipeline": pipeline},
         "precision": precision,
+        "stage": stage,
     })
 
 

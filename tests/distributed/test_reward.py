@@ -109,6 +109,14 @@ def test_hf_export_scores_equal_in_transformers(trained):
     with torch.no_grad():
         scores = hf(input_ids=ids).logits[:, 0]
     torch.testing.assert_close(scores, torch.tensor(result["rewards"]), rtol=1e-4, atol=1e-4)
+    # And back: the sequence classifier imports as a value model and re-exports unchanged.
+    from safetensors.torch import load_file
+
+    convert.import_hf(str(out), str(root / "reimported"))
+    again = convert.export_hf(str(root / "reimported"), str(root / "hf-again"))
+    first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert first.keys() == second.keys() and "score.weight" in first
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_score_command_matches_transformers(trained, tmp_path):
