@@ -32,21 +32,27 @@ class _VocabParallelLogProbsEntropy(torch.autograd.Function):
     """(log p(label), entropy) per position from vocab-parallel logits; out of place, fp32."""
 
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, vocab_size, group):
+    def forward(ctx, logits, labels, vocab_start, vocab_size, group, with_entropy):
         z = logits.float()  # a copy for bf16; the same tensor for fp32, never written below
         width = z.size(-1)
-        columns = torch.arange(vocab_start, vocab_start + width, device=z.device)
-        valid = columns < vocab_size if vocab_size is not None else torch.ones_like(columns,
-                                                                                   dtype=torch.bool)
-        neg_inf = torch.tensor(float("-inf"), device=z.device)
-        z_valid = torch.where(valid, z, neg_inf)
+        padded = vocab_size is not None and vocab_start + width > vocab_size
+        if padded:  # padded columns: -inf, so exp() gives exactly 0
+            columns = torch.arange(vocab_start, vocab_start + width, device=z.device)
+            valid = columns < vocab_size
+            z_valid = z.masked_fill(~valid, float("-inf"))
+        else:
+            valid, z_valid = None, z
         m = z_valid.max(dim=-1).values
         if group is not None:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        shifted = z_valid - m.unsqueeze(-1)
-        exp = shifted.exp()  # exactly 0 on padded columns
+        exp = (z_valid - m.unsqueeze(-1)).exp()
         sum_exp = exp.sum(dim=-1)
-        pz = torch.where(valid, exp * z, torch.zeros_like(z)).sum(dim=-1)
+        if with_entropy:
+            weighted = exp * z if valid is None else (exp * z).masked_fill(~valid, 0.0)
+            pz = weighted.sum(dim=-1)
+        else:
+            pz = torch.zeros_like(m)
+        del exp
         local_label = labels - vocab_start
         holds = (local_label >= 0) & (local_label < width)
         if vocab_size is not None:
@@ -63,25 +69,35 @@ class _VocabParallelLogProbsEntropy(torch.autograd.Function):
         mean_z = pz / sum_exp  # sum_j p_j z_j
         logp = torch.where(held > 0, z_label - m - log_sum, torch.zeros_like(m))
         entropy = m + log_sum - mean_z
-        ctx.save_for_backward(z, valid, m, log_sum, mean_z, holds, index, held > 0)
-        ctx.input_dtype = logits.dtype
+        if not with_entropy:
+            entropy = torch.zeros_like(m)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(z, m + log_sum, mean_z, holds, index, held > 0)
+        ctx.valid, ctx.input_dtype = valid, logits.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        z, valid, m, log_sum, mean_z, holds, index, in_vocab = ctx.saved_tensors
-        z_valid = torch.where(valid, z, torch.full_like(z, float("-inf")))
-        p = (z_valid - (m + log_sum).unsqueeze(-1)).exp()  # 0 on padded columns
-        grad = torch.zeros_like(z)
+        z, log_normalizer, mean_z, holds, index, in_vocab = ctx.saved_tensors
+        valid = ctx.valid
+        z_valid = z if valid is None else z.masked_fill(~valid, float("-inf"))
+        p = (z_valid - log_normalizer.unsqueeze(-1)).exp()  # 0 on padded columns
+        scale = torch.zeros_like(log_normalizer)
         if grad_logp is not None:
-            grad_logp = torch.where(in_vocab, grad_logp, torch.zeros_like(grad_logp))
-            grad -= p * grad_logp.unsqueeze(-1)
-            onehot = torch.zeros_like(z).scatter(-1, index, holds.float().unsqueeze(-1))
-            grad += onehot * grad_logp.unsqueeze(-1)
+            grad_logp = torch.where(in_vocab, grad_logp.float(), torch.zeros_like(scale))
+            scale = scale - grad_logp
         if grad_entropy is not None:
-            centered = torch.where(valid, z - mean_z.unsqueeze(-1), torch.zeros_like(z))
-            grad -= p * centered * grad_entropy.unsqueeze(-1)
-        return grad.to(ctx.input_dtype), None, None, None, None
+            # dH/dz_j = -p_j (z_j - sum_k p_k z_k)
+            centered = z - mean_z.unsqueeze(-1)
+            if valid is not None:
+                centered = centered.masked_fill(~valid, 0.0)
+            grad = p * (scale.unsqueeze(-1) - centered * grad_entropy.float().unsqueeze(-1))
+        else:
+            grad = p * scale.unsqueeze(-1)
+        if grad_logp is not None:  # + 1[j = label] on the rank that holds the label
+            grad.scatter_add_(-1, index, (holds.float() * grad_logp).unsqueeze(-1))
+        return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -92,6 +108,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     group: dist.ProcessGroup | None = None,
     tp_rank: int | None = None,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label), entropy), fp32, shaped like `labels`, from this rank's vocabulary slice.
 
@@ -99,7 +116,8 @@ def vocab_parallel_logprobs(
     vocabulary (the model's vocab-parallel output); `vocab_size` is the real vocabulary, columns
     past it are excluded; `temperature` divides the logits first (sampling temperature).
     `group`/`tp_rank` default to megatron-core's tensor-parallel group and rank.
-    Differentiable in `logits`; the input is never modified.
+    Differentiable in `logits`; the input is never modified. `with_entropy=False` skips the
+    entropy's extra pass over the vocabulary (its output is then zeros, not differentiable).
     """
     if temperature <= 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
@@ -111,4 +129,4 @@ def vocab_parallel_logprobs(
         logits = logits.float() / temperature
     vocab_start = tp_rank * logits.size(-1)
     return _VocabParallelLogProbsEntropy.apply(logits, labels.long(), vocab_start, vocab_size,
-                                               group)
+                                               group, with_entropy)

@@ -160,7 +160,7 @@ class PreferenceLoss(HeadBase):
         group = context_parallel_group()
         counted = counted_on_this_cp_rank()
         logp, _ = vocab_parallel_logprobs(output, batch[LABELS].transpose(0, 1),
-                                          vocab_size=self.vocab_size)
+                                          vocab_size=self.vocab_size, with_entropy=False)
         logp = logp.transpose(0, 1)  # [b, s]
         completion = supervised_mask(batch)
         sample_ids = batch.get(SAMPLE_IDS)

@@ -112,7 +112,7 @@ class ModelStep:
 
             def stash(output):
                 logp, _ = vocab_parallel_logprobs(output, batch["labels"].transpose(0, 1),
-                                                  vocab_size=self.vocab_size)
+                                                  vocab_size=self.vocab_size, with_entropy=False)
                 source[_REFERENCE_STASH] = logp.transpose(0, 1).detach().float()
                 zero = output.new_zeros(())
                 return zero, torch.zeros((), dtype=torch.int, device=zero.device), {}

@@ -39,6 +39,15 @@ def test_logprobs_and_entropy_match_log_softmax_out_of_place():
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
         assert ours[..., VOCAB:].abs().max() == 0  # padded columns get no gradient
         assert torch.equal(logits.detach(), before)  # out of place
+        ref_logp, _ = reference_token_logprobs(logits, labels, VOCAB, temperature)
+        theirs = torch.autograd.grad((ref_logp.T * w1).sum(), logits)[0]
+        for with_entropy in (True, False):  # only log p used: the entropy's gradient is None
+            logp, entropy = vocab_parallel_logprobs(logits, labels.T, vocab_size=VOCAB,
+                                                    temperature=temperature,
+                                                    with_entropy=with_entropy)
+            ours = torch.autograd.grad((logp * w1).sum(), logits)[0]
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+            assert with_entropy or not entropy.any()
 
 
 def test_logprobs_of_bf16_logits_are_fp32_and_leave_the_input():
