@@ -23,6 +23,9 @@ are drawn from a generator seeded by (seed, parameter name, model index), so the
 depend on the order tensors are visited or on any layout. The embedding and output layer are
 merged over their first `vocab_size` rows only (the padding rows past it are zero in the
 result): padding neither takes part in the top-k nor needs to match between models.
+
+Memory: every input stays whole in host memory (in its saved dtype) until the merge is done, plus
+the output model: about (models + base + 1) × the model's size (8B in bf16: 16 GB each).
 """
 
 from __future__ import annotations
