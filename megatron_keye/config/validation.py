@@ -62,7 +62,40 @@ def _validate_parallel(config: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             "parallel.overlap_param_gather", "needs parallel.distributed_optimizer=true"
         )
+    _validate_zero_stage(config)
 
+
+
+def _validate_zero_stage(config: TrainConfig) -> None:
+    """zero_stage 2/3 (torch FSDP2 via megatron-core) and the settings it replaces or lacks."""
+    p = config.parallel
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError("parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage!r}")
+    if p.zero_stage == 1:
+        return
+    if not p.distributed_optimizer:
+        raise ConfigError(
+            "parallel.distributed_optimizer",
+            f"false (no ZeRO) contradicts parallel.zero_stage={p.zero_stage}, which shards the "
+            f"optimizer state as well; set it true, or zero_stage=1 for unsharded DDP",
+        )
+    for name, why in (
+        ("overlap_param_gather", "FSDP2 gathers each layer's parameters just in time itself"),
+        ("overlap_grad_reduce", "FSDP2 reduce-scatters each layer's gradients in backward itself"),
+    ):
+        if getattr(p, name):
+            raise ConfigError(
+                f"parallel.{name}",
+                f"applies to zero_stage 1 only ({why}); set it false under "
+                f"parallel.zero_stage={p.zero_stage}",
+            )
+    if p.pipeline > 1:
+        raise ConfigError(
+            "parallel.pipeline",
+            f"parallel.zero_stage={p.zero_stage} runs without pipeline parallelism "
+            f"(megatron-core's FSDP2 wrapper shards whole chunks per step; untested with "
+            f"pipeline schedules); use pipeline=1 or zero_stage=1",
+        )
 
 def _validate_model(config: TrainConfig) -> None:
     m, p = config.model, config.parallel

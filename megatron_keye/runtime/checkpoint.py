@@ -31,6 +31,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_keye.config.schema import CheckpointConfig
 from megatron_keye.runtime.mcore_fallback import ensure_optimizer_state
+from megatron_keye.runtime.optim import (
+    optimizer_sharded_state_dict,
+    restore_dtensor_optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,8 @@ class Checkpointer:
         sharded = {"model": _model_sharded_state(chunks)}
         if optimizer is not None:
             # The nested per-chunk dict, never a merged one: see _model_sharded_state.
-            sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["optimizer"] = optimizer_sharded_state_dict(
+                optimizer,
                 sharded["model"],
                 is_loading=False,
                 metadata={"distrib_optim_sharding_type": fmt},
@@ -169,7 +174,8 @@ class Checkpointer:
         fresh = _keep_fresh_value_heads(sharded["model"], common.get("config") or {})
         if load_optimizer:
             ensure_optimizer_state(optimizer)
-            sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["optimizer"] = optimizer_sharded_state_dict(
+                optimizer,
                 sharded["model"],
                 is_loading=True,
                 metadata={"distrib_optim_sharding_type": fmt},
@@ -180,13 +186,17 @@ class Checkpointer:
         for index, chunk in enumerate(chunks):
             state = loaded["model"][f"chunk{index}"]
             state.update(fresh.get(f"chunk{index}", {}))
-            _unwrap(chunk).load_state_dict(state, strict=True)
+            if hasattr(chunk, "load_local_state_dict"):  # zero_stage 2/3: DTensor shards
+                chunk.load_local_state_dict(state)
+            else:
+                _unwrap(chunk).load_state_dict(state, strict=True)
         if load_optimizer:
             # no_grad: megatron-core's load_parameter_state_from_dp_reshardable
             # (optimizer/distrib_optimizer.py:1772, unlike its fully_reshardable sibling at :2069)
             # copies into fp32 main params, which are views of the model's leaf parameters.
             with torch.no_grad():
                 optimizer.load_state_dict(loaded["optimizer"])
+            restore_dtensor_optimizer_state(optimizer)  # zero_stage 2/3 (else a no-op)
         elif optimizer is not None:
             optimizer.reload_model_params()
         if "rng" in loaded:

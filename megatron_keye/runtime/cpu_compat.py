@@ -48,6 +48,7 @@ def apply() -> bool:
         _cuda_device_arguments_to_cpu()
         _cuda_type_names_for_optimizer_dispatch()
         _one_rank_buffer_collectives_stay_local()
+        _fsdp2_mesh_on_cpu()
         _no_cuda_stream_advice()
         _APPLIED = True
     return True
@@ -214,3 +215,24 @@ def _local_when_alone(collective):
         return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
 
     return call
+
+
+def _fsdp2_mesh_on_cpu() -> None:
+    """megatron-core's torch-FSDP2 wrapper builds its device mesh on the CPU.
+
+    megatron/core/distributed/torch_fully_sharded_data_parallel.py:82 calls
+    `DeviceMesh.from_group(group, "cuda")`; FSDP2 then places its all-gather and reduce-scatter
+    buffers on the mesh's device type. The module-level name is rebound to a subclass whose
+    `from_group` maps a CUDA device type to "cpu" (FSDP2 itself runs on CPU with gloo).
+    """
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
+    from torch.distributed import DeviceMesh
+
+    class CpuDeviceMesh(DeviceMesh):
+        @staticmethod
+        def from_group(group, device_type, *args, **kwargs):
+            if device_type == "cuda" or str(device_type).startswith("cuda:"):
+                device_type = "cpu"
+            return DeviceMesh.from_group(group, device_type, *args, **kwargs)
+
+    torch_fsdp.DeviceMesh = CpuDeviceMesh

@@ -14,10 +14,20 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.torch_fully_sharded_data_parallel import (
+    TorchFullyShardedDataParallel,
+)
+from megatron.core.distributed.torch_fully_sharded_data_parallel_config import (
+    TorchFullyShardedDataParallelConfig,
+)
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import clip_grads, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from megatron_keye.config.schema import (
     OptimizerConfig,
@@ -49,8 +59,19 @@ def freeze_parameters(chunks: list[torch.nn.Module], patterns: list[str]) -> int
 
 def wrap_with_ddp(
     chunks: list[torch.nn.Module], config: TransformerConfig, parallel: ParallelConfig
-) -> list[DistributedDataParallel]:
-    """megatron-core DDP around each model chunk (fp32 gradient buffers, bucketed reduction)."""
+) -> list[torch.nn.Module]:
+    """Data-parallel wrapper around each model chunk, by `parallel.zero_stage`.
+
+    Stage 1: megatron-core DDP (fp32 gradient buffers, bucketed reduction; with
+    `distributed_optimizer` the optimizer shards Adam state = ZeRO-1). Stages 2 and 3:
+    `ShardedDataParallel`, megatron-core's torch-FSDP2 wrapper (gradients, parameters at rest
+    and so Adam state sharded over data x context ranks).
+    """
+    if parallel.zero_stage > 1:
+        return [
+            ShardedDataParallel(config=config, module=chunk, zero_stage=parallel.zero_stage)
+            for chunk in chunks
+        ]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
@@ -73,6 +94,148 @@ def wrap_with_ddp(
     return wrapped
 
 
+class ShardedDataParallel(TorchFullyShardedDataParallel):
+    """ZeRO-2/3 on megatron-core's torch-FSDP2 wrapper, completed for megatron's training step.
+
+    `TorchFullyShardedDataParallel` shards every transformer layer and the embedding (and then
+    the root module) with `fully_shard` over the data x context group: each rank keeps 1/DP of
+    every parameter and, after FSDP2's reduce-scatter in backward, 1/DP of every gradient, so
+    the optimizer (a plain megatron-core optimizer over the DTensor shards) holds 1/DP of the
+    Adam state. Stage 2 keeps a layer's gathered parameters from its forward to its backward
+    (`reshard_after_forward=False`); stage 3 frees them after forward and gathers again in
+    backward. megatron-core's wrapper leaves three methods of the DDP interface empty that the
+    step needs; they are filled in here:
+
+    - gradients are summed over data ranks, not averaged (FSDP2's default): the loss is a sum
+      that `finalize_model_grads` divides once by the global token count, as under DDP;
+    - `scale_gradients` applies that division to the sharded gradients;
+    - `finish_grad_sync` accepts `force_all_reduce` (FSDP2 has already reduced in backward).
+    """
+
+    def __init__(self, *, config: TransformerConfig, module: torch.nn.Module, zero_stage: int):
+        ddp_config = TorchFullyShardedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=False,
+            average_in_collective=False,
+            reshard_after_forward=zero_stage >= 3,
+        )
+        # Each transformer layer (language and vision) and the embedding is one FSDP unit; the
+        # root unit holds the rest (norms, output layer, projector). megatron-core's default
+        # set also names ColumnParallelLinear, which would shard a layer's linears a second
+        # time after their layer (it drops it only for transformer_impl="local").
+        super().__init__(
+            config=config,
+            ddp_config=ddp_config,
+            module=module,
+            sub_modules_to_wrap={TransformerLayer, LanguageModelEmbedding},
+        )
+        self.zero_stage = zero_stage
+        for sub_module in self.module.modules():
+            if isinstance(sub_module, FSDPModule):
+                # A plain SUM (no PREMUL_SUM/AVG op, which gloo lacks) then a division by 1.
+                sub_module.set_gradient_divide_factor(1.0)
+                sub_module.set_force_sum_reduction_for_comms(True)
+
+    def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+        """Nothing to wait for: FSDP2 reduce-scatters each layer's gradients in backward."""
+
+    def scale_gradients(self, scaling_factor: float) -> None:
+        """Multiply this rank's gradient shards by `scaling_factor` (1 / global token count)."""
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scaling_factor)
+
+    def zero_grad_buffer(self) -> None:
+        """Drop the gradients of the previous step (FSDP2 accumulates into `param.grad`)."""
+        for param in self.module.parameters():
+            param.grad = None
+
+    def load_local_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's local tensors (this rank's DP shard of each) into the shards.
+
+        `dist_checkpointing` reads into the local tensors of the DTensor parameters that the
+        model's sharded state dict hands it; anything it returned elsewhere is copied in. (The
+        module's own `load_state_dict` would try to assign plain tensors to DTensor parameters.)
+        """
+        targets = dict(self.module.named_parameters())
+        targets.update(self.module.named_buffers())
+        wanted = {k for k in self.module.state_dict() if not k.endswith("_extra_state")}
+        missing = sorted(wanted - set(state_dict))
+        unexpected = sorted(k for k in set(state_dict) - set(targets) if not k.endswith("_extra_state"))
+        if missing or unexpected:
+            raise KeyError(f"checkpoint state does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name not in targets:
+                    continue
+                target = targets[name]
+                local = target._local_tensor if isinstance(target, DTensor) else target
+                if isinstance(value, DTensor):
+                    value = value._local_tensor
+                if local.data_ptr() != value.data_ptr():
+                    local.copy_(value.reshape(local.shape))
+
+
+def optimizer_sharded_state_dict(megatron_optimizer, model_sharded_state: dict, **kwargs):
+    """`megatron_optimizer.sharded_state_dict(model_sharded_state, **kwargs)`, FSDP2-aware.
+
+    megatron-core maps optimizer parameters to the model's sharded tensors by object identity
+    (dist_checkpointing/optimizer.py `get_optim_param_to_id_map`), comparing
+    `DTensor.to_local()` with the `_local_tensor` the model's sharded state dict holds; under
+    torch 2.13 `to_local()` returns a new alias on every call, so no parameter of a zero_stage
+    2/3 model matches. For the duration of the call the map is keyed by `_local_tensor`.
+    Without DTensor parameters this is the plain call.
+    """
+    from megatron.core.dist_checkpointing import optimizer as dist_optimizer
+
+    original = dist_optimizer.get_optim_param_to_id_map
+
+    def by_local_tensor(params):
+        mapping = {}
+        for index, param in enumerate(params):
+            local = param._local_tensor if isinstance(param, DTensor) else param
+            mapping.setdefault(id(local), index)
+        return mapping
+
+    dist_optimizer.get_optim_param_to_id_map = by_local_tensor
+    try:
+        return megatron_optimizer.sharded_state_dict(model_sharded_state, **kwargs)
+    finally:
+        dist_optimizer.get_optim_param_to_id_map = original
+
+@torch.no_grad()
+def restore_dtensor_optimizer_state(megatron_optimizer) -> int:
+    """Turn loaded Adam moments of DTensor parameters back into DTensors; returns how many.
+
+    A checkpoint hands torch's `Optimizer.load_state_dict` each moment as this rank's local
+    shard (a plain tensor), which it stores as is; the fused AdamW then refuses to mix them with
+    the DTensor parameters of zero_stage 2/3. Each becomes a DTensor laid out like its
+    parameter. A no-op for plain parameters.
+    """
+    restored = 0
+    for part in optimizer_parts(megatron_optimizer):
+        inner = getattr(part, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not isinstance(param, DTensor):
+                    continue
+                state = inner.state.get(param, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and not isinstance(value, DTensor) and value.dim():
+                        state[key] = DTensor.from_local(
+                            value.reshape(param._local_tensor.shape),
+                            param.device_mesh,
+                            param.placements,
+                            shape=param.shape,
+                            stride=param.stride(),
+                        )
+                        restored += 1
+    return restored
+
+
 def build_optimizer(
     chunks: list[DistributedDataParallel],
     optimizer: OptimizerConfig,
@@ -80,7 +243,11 @@ def build_optimizer(
     *,
     precision: str,
 ):
-    """AdamW via megatron-core; ZeRO-1 when `parallel.distributed_optimizer`."""
+    """AdamW via megatron-core; ZeRO-1 when `parallel.distributed_optimizer` at zero_stage 1.
+
+    At zero_stage 2/3 the parameters are already DP shards (FSDP2 DTensors), so megatron-core's
+    plain optimizer over them holds 1/DP of the state without the distributed optimizer.
+    """
     config = McoreOptimizerConfig(
         optimizer="adam",
         lr=optimizer.lr,
@@ -90,7 +257,7 @@ def build_optimizer(
         adam_beta2=optimizer.beta2,
         adam_eps=optimizer.eps,
         clip_grad=optimizer.clip_grad,
-        use_distributed_optimizer=parallel.distributed_optimizer,
+        use_distributed_optimizer=parallel.distributed_optimizer and parallel.zero_stage == 1,
         bf16=precision == "bf16",
         fp16=False,
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
@@ -178,7 +345,10 @@ def guarded_step(megatron_optimizer, *, loss_is_finite: bool) -> StepOutcome:
 
 
 def optimizer_state_bytes(megatron_optimizer) -> int:
-    """Bytes of Adam moments and fp32 master weights held by this rank (ZeRO-1 shards them)."""
+    """Bytes of Adam moments and fp32 master weights held by this rank (ZeRO-1/2/3 shard them).
+
+    Under zero_stage 2/3 the state tensors are DTensor shards: their local part is counted.
+    """
     parts = optimizer_parts(megatron_optimizer)
     total = 0
     for part in parts:
@@ -188,7 +358,18 @@ def optimizer_state_bytes(megatron_optimizer) -> int:
         for state in inner.state.values():
             for value in state.values():
                 if torch.is_tensor(value) and value.dim() > 0:
-                    total += value.numel() * value.element_size()
-        for group in getattr(part, "shard_fp32_from_float16_groups", []) or []:
-            total += sum(p.numel() * p.element_size() for p in group)
+                    total += _local_bytes(value)
+        # fp32 master copies under bf16: the distributed optimizer's shards (ZeRO-1), else
+        # the plain optimizer's copies of (at ZeRO-2/3 already sharded) parameters.
+        masters = getattr(part, "shard_fp32_from_float16_groups", None)
+        if masters is None:
+            masters = getattr(part, "fp32_from_float16_groups", None)
+        for group in masters or []:
+            total += sum(_local_bytes(p) for p in group)
     return total
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank stores for `tensor` (the local shard of a DTensor)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
