@@ -318,6 +318,37 @@ class StageConfig:
 
 
 @dataclass(kw_only=True)
+class RLConfig:
+    """The RL loop of a `stage.loss_head: gspo` stage (`post_training/rl.py`): prompts -> G
+    rollouts each from the current policy -> rewards -> progressive hints -> group advantages ->
+    `minibatches` GSPO optimizer steps per rollout batch; `schedule.train_iters` counts those steps."""
+
+    # JSONL of prompts: "prompt" (text), "answer" (reference), optional "mode" (think|no_think),
+    # "hints" (L1..L5 list or mapping), "image"/"images", "video"/"videos" (relative to the file),
+    # "source" (metrics label), tolerances "abs_tol"/"rel_tol".
+    prompts: str | None = None
+    prompts_per_rollout: int = 8  # prompts per rollout batch (all data-parallel ranks together)
+    group_size: int = 8  # G rollouts per prompt (the group of the advantage normalization)
+    minibatches: int = 4  # optimizer steps per rollout batch (GSPO paper: 4)
+    max_new_tokens: int = 64  # response tokens per rollout at most
+    temperature: float = 1.0  # sampling temperature; 1 so the kept log-probs are pi_old of the loss
+    top_p: float = 1.0  # nucleus sampling mass
+    seed: int = 0  # rollout seed: generation call k of rollout batch n samples from (seed, n, k)
+    chat: bool = True  # render prompts with the chat template (assistant generation prompt)
+    # Reward terms (post_training/rewards.py VERIFIERS: exact, numeric, choice, format, json) and
+    # their weights; the reward is the weighted sum.
+    reward_terms: list[str] = field(default_factory=lambda: ["exact"])
+    reward_weights: list[float] = field(default_factory=lambda: [1.0])  # one per reward term
+    success_reward: float = 1.0  # a rollout whose reward reaches this counts as solved
+    hints: bool = True  # retry prompts whose G rollouts all fail with hints L1..L5 (progressive)
+    # Drop prompts whose trained group passed 0% or 100% of the time from the next epochs.
+    filter_solved: bool = False
+    std_floor: float = 1e-6  # added to the group std of the advantage normalization
+    scale_advantages: bool = True  # (r - mean) / (std + floor); false = centred only (Dr. GRPO)
+    shuffle: bool = True  # a seeded new prompt order every epoch
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """The whole run."""
 
@@ -329,5 +360,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # the RL loop of stage.loss_head=gspo
     precision: Literal["fp32", "bf16"] = "fp32"  # parameter and activation dtype (fp32 master weights under bf16)
     seed: int = 1234  # seed of weights (drawn per parameter name) and dropout
