@@ -28,6 +28,10 @@ def validate(config: TrainConfig, world_size: int) -> None:
     _validate_model(config)
     _validate_schedule(config, world_size)
     _validate_shard_data(config, world_size)
+    if config.stage.loss_head == "gspo":
+        from megatron_keye.post_training.rl import check_rl_config
+
+        check_rl_config(config)
 
 
 def _validate_parallel(config: TrainConfig, world_size: int) -> None:

@@ -184,6 +184,10 @@ class Trainer:
                 tc.param_sync_func = tc.param_sync_func[0]
 
     def _build_loader(self):
+        if self.config.stage.loss_head == "gspo":  # RL: batches are rollouts of this model
+            from megatron_keye.post_training.rl import RolloutSource
+
+            return RolloutSource(self.config, trainer=self)
         from megatron_keye.data.loaders import build_data_loader
 
         return build_data_loader(self.config)
