@@ -21,6 +21,7 @@ import sys
 from dataclasses import replace
 
 from megatron_keye.post_training.generation import GenerationOptions, GenerationResult, Prompt
+from megatron_keye.post_training.prompts import media_configs
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """Entry point of the `generate` subcommand."""
     from megatron_keye.data.text.tokenizer import KeyeTokenizer
-    from megatron_keye.post_training.prompts import build_prompt
+    from megatron_keye.post_training.prompts import build_prompt, media_configs
     from megatron_keye.runtime.spawn import spawn_ranks
 
     args = parse_args(argv)
@@ -112,17 +113,6 @@ def saved_config(checkpoint: str) -> dict:
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {checkpoint} (nor a `latest` "
                                 f"naming one)")
     return dist_checkpointing.load_common_state_dict(str(directory))["config"]
-
-
-def media_configs(saved: dict):
-    """Image and video budgets of the run that wrote the checkpoint (as its loader used)."""
-    from megatron_keye.data.media.image import TOKEN_PIXELS, ImageConfig
-    from megatron_keye.data.media.video_config import VideoConfig
-
-    data = saved.get("data") or {}
-    image = ImageConfig(max_pixels=max(int(data.get("image_max_tokens", 20480)), 4) * TOKEN_PIXELS)
-    video = VideoConfig(total_pixels=int(data.get("video_max_tokens", 65536)) * TOKEN_PIXELS)
-    return image, video
 
 
 def generation_config(saved: dict, *, tensor: int, pipeline: int):
@@ -212,4 +202,4 @@ def print_result(result: GenerationResult, texts: list[str], tokenizer, *,
             print(text, file=stream)
 
 
-__all__ = ["generate_rank", "main", "parse_args", "print_result"]
+__all__ = ["generate_rank", "main", "media_configs", "parse_args", "print_result"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_keye.data.media.image import ImageConfig, preprocess_image
+from megatron_keye.data.media.image import TOKEN_PIXELS, ImageConfig, preprocess_image
 from megatron_keye.data.media.video_config import VideoConfig
 from megatron_keye.data.text.templates import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, render_chat
 from megatron_keye.data.text.tokenizer import IMAGE_PAD, VIDEO_PAD, KeyeTokenizer
@@ -71,3 +71,11 @@ def build_prompt(
         pixel_values=torch.cat(pixels) if pixels else None,
         vision_grids=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3) if grids else None,
     )
+
+
+def media_configs(saved: dict):
+    """Image and video budgets of the run that wrote the checkpoint (as its loader used)."""
+    data = saved.get("data") or {}
+    image = ImageConfig(max_pixels=max(int(data.get("image_max_tokens", 20480)), 4) * TOKEN_PIXELS)
+    video = VideoConfig(total_pixels=int(data.get("video_max_tokens", 65536)) * TOKEN_PIXELS)
+    return image, video

@@ -163,7 +163,7 @@ class RolloutSource:
     def __init__(self, config: TrainConfig, *, trainer, records: list[PromptRecord] | None = None,
                  tokenizer=None):
         from megatron_keye.data.text.tokenizer import KeyeTokenizer
-        from megatron_keye.post_training.generate_cli import media_configs
+        from megatron_keye.post_training.prompts import media_configs
 
         if not config.rl.prompts:
             raise ConfigError("rl.prompts", "a gspo stage generates its batches from a prompt "

@@ -94,11 +94,10 @@ def decoder_core_attentions(chunk) -> list:
 @contextlib.contextmanager
 def attached(chunks: list, cache: KVCache) -> Iterator[KVCache]:
     """Install `cache` on every decoder core attention of `chunks` for the `with` block."""
-    from megatron_keye.ops.attention.core import CoreAttention
-
     modules = [m for chunk in chunks for m in decoder_core_attentions(chunk)]
     for module in modules:
-        if not isinstance(module, CoreAttention):
+        # Our CoreAttention declares `kv_cache` (None until set here); TE's does not.
+        if not hasattr(module, "kv_cache"):
             raise ValueError(
                 f"model.attention_backend: generation with a KV cache needs our core attention, "
                 f"but the decoder uses {type(module).__name__}; build the model with "
