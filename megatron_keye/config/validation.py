@@ -110,6 +110,14 @@ def _validate_model(config: TrainConfig) -> None:
             f"{m.output_head!r} does not fit stage.loss_head={config.stage.loss_head!r} (the "
             f"reward head needs model.output_head=value, the others need lm)",
         )
+    if (config.stage.loss_head == "reward" and config.data.kind == "shards"
+            and config.stage.head.reward.pad_token_id is None):
+        # Packed samples end in the tokenizer's pad tokens; the score must skip them.
+        raise ConfigError(
+            "stage.head.reward.pad_token_id",
+            "required with data.kind=shards: the id the loader pads samples with (the "
+            "tokenizer's pad token, e.g. 151643 for <|endoftext|> of Qwen2 tokenizers)",
+        )
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             "model.num_query_groups",
