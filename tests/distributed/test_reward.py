@@ -161,3 +161,17 @@ def test_score_command_matches_transformers(trained, tmp_path):
     torch.testing.assert_close(torch.tensor([scores.chosen, scores.rejected]).T,
                                torch.tensor(expected), rtol=1e-4, atol=1e-4)
     assert scores.accuracy == sum(c > r for c, r in expected) / 3
+
+
+def test_config_errors_name_the_field():
+    from megatron_keye.config import load_config, validate
+    from megatron_keye.config.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="model.output_head"):
+        validate(load_config(None, ["stage.loss_head=reward"]), 1)
+    with pytest.raises(ConfigError, match="model.output_head"):
+        validate(load_config(None, ["model.output_head=value"]), 1)
+    with pytest.raises(ConfigError, match="stage.head.reward.pad_token_id"):
+        validate(load_config("tiny-cpu-rm", ["stage.head.reward.pad_token_id=null"]), 4)
+    validate(load_config("tiny-cpu-rm", []), 4)
+    validate(load_config("keye8b-rm", []), 32)
