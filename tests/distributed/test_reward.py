@@ -3,7 +3,7 @@ equal the unsharded model with a plain-torch loss; a tiny RM learns planted pair
 scores the same in transformers' Qwen3ForSequenceClassification.
 
 One spawned 2-rank world runs every parity layout (and the single-process reference, computed by
-both ranks), a second one trains the tiny RM.
+both ranks) and then trains the tiny RM; export, import and scoring spawn one process each.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from megatron_keye.models.keye_vl.hf_adapter import split_tensor
 from megatron_keye.testing.distributed import run_workers
 from tests.distributed.test_parity import TOLERANCE, relative_error
-from tests.distributed.workers_reward import parity_worker, train_worker
+from tests.distributed.workers_reward import reward_world_worker
 
 LAYOUTS = {
     "tp2_sp": {"tensor": 2, "sp": True},
@@ -26,9 +26,17 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    return run_workers(parity_worker, 2, layouts=LAYOUTS,
-                       root=str(tmp_path_factory.mktemp("reward-parity")))
+def world(tmp_path_factory):
+    """Every 2-rank case in one spawned world: the parity layouts, then the tiny RM's training."""
+    root = tmp_path_factory.mktemp("rm")
+    results = run_workers(reward_world_worker, 2, layouts=LAYOUTS, root=str(root),
+                          train_layout={}, steps=40, lr=0.003)
+    return results, root
+
+
+@pytest.fixture(scope="module")
+def parity(world):
+    return [rank["parity"] for rank in world[0]]
 
 
 def test_value_model_starts_from_a_language_model_checkpoint(parity):
@@ -77,11 +85,9 @@ def test_reward_loss_and_gradients_equal_unsharded(parity, name):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm")
-    results = run_workers(train_worker, 2, layout={},
-                          save_dir=str(root / "ckpt"), steps=40, lr=0.003)
-    return results[0], root
+def trained(world):
+    results, root = world
+    return results[0]["train"], root
 
 
 def test_tiny_reward_model_separates_planted_pairs(trained):

@@ -218,3 +218,12 @@ def train_worker(*, layout: dict, save_dir: str, steps: int, lr: float) -> dict:
     rewards = [scores[16 * s + 11, r].item() for r in range(2) for s in range(2)]
     return {"before": before, "after": after, "losses": losses, "sequences": sequences[:4],
             "rewards": rewards}
+
+
+def reward_world_worker(*, layouts: dict, root: str, train_layout: dict, steps: int,
+                        lr: float) -> dict:
+    """Every 2-rank reward case of the tests in one world: parity, then training (the trained
+    checkpoint goes to ROOT/ckpt)."""
+    parity = parity_worker(layouts=layouts, root=f"{root}/parity")
+    train = train_worker(layout=train_layout, save_dir=f"{root}/ckpt", steps=steps, lr=lr)
+    return {"parity": parity, "train": train}
