@@ -28,17 +28,6 @@ def full_grads(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def full_params(trainer) -> dict[str, torch.Tensor]:
-    from megatron_keye.models.keye_vl.builder import named_parameters_global
-
-    out = {}
-    for chunk in trainer.model:
-        for name, param in named_parameters_global(chunk).items():
-            data = param.full_tensor() if isinstance(param, DTensor) else param
-            out[name] = data.detach().clone()
-    return out
-
-
 def held_bytes(trainer) -> dict[str, int]:
     """Bytes of gradient and parameter storage this rank holds after a step's backward.
 
@@ -63,51 +52,73 @@ def held_bytes(trainer) -> dict[str, int]:
     return {"grads": grads, "params": params}
 
 
-def zero_stage_worker(*, layout: dict, batches: list[dict], stages: tuple[int, ...], steps: int):
-    """Per stage: loss and full gradients of the first batch, held bytes, then `steps` steps."""
+def reshards_after_forward(trainer) -> list[bool]:
+    """Per FSDP2 transformer-layer unit: whether it frees its gathered parameters after forward."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from torch.distributed.fsdp import FSDPModule
+
+    flags = []
+    for chunk in trainer.model:
+        for module in chunk.modules():
+            if isinstance(module, FSDPModule) and isinstance(module, TransformerLayer):
+                group = module._get_fsdp_state()._fsdp_param_group
+                flags.append(group.post_forward_mesh_info is not None)
+    return flags
+
+
+def stage_run(*, layout: dict, batches: list[dict], stage: int, steps: int,
+              save_dir: str | None = None, save_at: int = 0) -> dict:
+    """Loss and full gradients of batch 0, bytes held, then `steps` optimizer steps.
+
+    With `save_dir`, a checkpoint is written after step `save_at` and, after the last step, a
+    fresh trainer pointed at `save_dir` resumes from it (as a requeued job would) and takes the
+    remaining steps again: their losses are returned under "resumed".
+    """
     from megatron_keye.runtime.optim import optimizer_state_bytes
 
-    results = {}
-    for stage in stages:
-        config = tiny_config(layout, extra=(f"parallel.zero_stage={stage}",))
-        trainer = build_trainer(config, batches, None)
-        for chunk in trainer.model:
-            chunk.zero_grad_buffer()
-        reports = trainer.forward_backward(trainer.loader.next_step(), force_all_reduce=True)
-        total, count = trainer.step_runner.global_reports(reports)["__loss__"]
-        held = held_bytes(trainer)
-        grads = full_grads(trainer)
-        trainer.loader.step = 0
-        losses, norms = [], []
-        for _ in range(steps):
-            step = trainer.train_step(trainer.loader.next_step())
-            losses.append(step.loss)
-            norms.append(step.grad_norm)
-        results[stage] = {
-            "loss": total / count,
-            "grads": grads,
-            "held": held,
-            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-            "losses": losses,
-            "grad_norms": norms,
-            "params_after": full_params(trainer),
-        }
-        dist.barrier()
+    extra = [f"parallel.zero_stage={stage}"]
+    if save_dir:
+        extra.append(f"checkpoint.save_dir={save_dir}")
+    config = tiny_config(layout, extra=tuple(extra))
+    trainer = build_trainer(config, batches, None)
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    reports = trainer.forward_backward(trainer.loader.next_step(), force_all_reduce=True)
+    total, count = trainer.step_runner.global_reports(reports)["__loss__"]
+    held = held_bytes(trainer)
+    grads = full_grads(trainer)
+    trainer.loader.step = 0
+    steps_taken = []
+    for _ in range(steps):
+        steps_taken.append(trainer.train_step(trainer.loader.next_step()))
+        trainer.iteration += 1
+        if save_dir and trainer.iteration == save_at:
+            trainer.save()
+    result = {
+        "loss": total / count,
+        "grads": grads,
+        "held": held,
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "losses": [s.loss for s in steps_taken],
+        "grad_norms": [s.grad_norm for s in steps_taken],
+        "reshard_after_forward": reshards_after_forward(trainer),
+    }
+    if save_dir:
+        resumed = build_trainer(config, batches, None)  # loads save_dir's latest checkpoint
+        result["resumed_from"] = resumed.iteration
+        result["resumed"] = [resumed.train_step(resumed.loader.next_step()).loss
+                             for _ in range(steps - resumed.iteration)]
+    return result
+
+
+def zero_stages_worker(*, layout: dict, batches: list[dict], stages: tuple[int, ...], steps: int,
+                       save_dir: str | None = None, save_stage: int = 2, save_at: int = 0):
+    """Every stage's `stage_run` in this world (stage `save_stage` with the checkpoint round
+    trip when `save_dir` is given)."""
+    results = {
+        stage: stage_run(layout=layout, batches=batches, stage=stage, steps=steps,
+                         save_dir=save_dir if stage == save_stage else None, save_at=save_at)
+        for stage in stages
+    }
+    dist.barrier()
     return results
-
-
-def resume_worker(*, layout: dict, batches: list[dict], save_dir: str, stage: int,
-                  train_iters: int, stop_at: int):
-    """At `stage`: an uninterrupted run, then one stopped (with a checkpoint) at `stop_at` and
-    the same command again, which resumes from the checkpoint. Losses of each run."""
-    from tests.distributed.workers_checkpoint import run_worker
-
-    stage_flag = (f"parallel.zero_stage={stage}",)
-    whole = run_worker(layout=layout, weights=None, batches=batches, train_iters=train_iters,
-                       extra=stage_flag)
-    first = run_worker(layout=layout, weights=None, batches=batches, train_iters=train_iters,
-                       save_dir=save_dir,
-                       extra=(*stage_flag, f"schedule.exit_at_iteration={stop_at}"))
-    second = run_worker(layout=layout, weights=None, batches=batches, train_iters=train_iters,
-                        save_dir=save_dir, extra=stage_flag)
-    return {"whole": whole, "first": first, "second": second}

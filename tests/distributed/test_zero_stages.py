@@ -1,0 +1,133 @@
+"""ZeRO-2/3 (`parallel.zero_stage`, torch FSDP2 through megatron-core) against ZeRO-1.
+
+One spawned world per layout trains the same tiny model (identical weights: drawn by name) at
+zero_stage 1, 2 and 3 on random batches and returns, per stage, the loss and every parameter's
+whole gradient of one global batch, the bytes of gradient and parameter storage each rank holds,
+the Adam state each rank holds and the losses of a few optimizer steps. The DP=2 world also
+stops a zero_stage 2 run with a checkpoint and resumes it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_keye.config import ConfigError, load_config, validate
+from megatron_keye.testing.distributed import run_workers
+from tests.distributed.conftest import random_global_batch
+from tests.distributed.workers import tiny_config
+from tests.distributed.workers_zero import zero_stages_worker
+
+TOLERANCE = 1e-5
+STEPS = 3
+STOP_AT = 2
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def _batches():
+    config = tiny_config({})
+    return [random_global_batch(config, rows=config.schedule.global_batch_size, seed=10 + i)
+            for i in range(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def dp2(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("zero2_ckpt")
+    return run_workers(
+        zero_stages_worker, 2, layout={}, batches=_batches(), stages=(1, 2, 3), steps=STEPS,
+        save_dir=str(save_dir), save_stage=2, save_at=STOP_AT,
+    )
+
+
+@pytest.fixture(scope="module")
+def dp2_tp2():
+    return run_workers(zero_stages_worker, 4, layout={"tensor": 2}, batches=_batches(),
+                       stages=(1, 2, 3), steps=STEPS)
+
+
+def _check_against_zero1(results: list[dict]) -> None:
+    for rank, per_rank in enumerate(results):
+        reference = per_rank[1]
+        for stage in (2, 3):
+            ours = per_rank[stage]
+            assert abs(ours["loss"] - reference["loss"]) <= TOLERANCE * abs(reference["loss"])
+            assert set(ours["grads"]) == set(reference["grads"])
+            for name, grad in reference["grads"].items():
+                assert grad.abs().sum() > 0, name
+                error = relative_error(ours["grads"][name], grad)
+                assert error <= TOLERANCE, (rank, stage, name, error)
+            for a, b in zip(ours["losses"], reference["losses"], strict=True):
+                assert abs(a - b) <= TOLERANCE * abs(b), (rank, stage, ours["losses"])
+            for a, b in zip(ours["grad_norms"], reference["grad_norms"], strict=True):
+                assert abs(a - b) <= TOLERANCE * abs(b), (rank, stage, ours["grad_norms"])
+        # The steps changed the model: later losses differ from the first.
+        assert len(set(reference["losses"])) == STEPS
+
+
+def _check_memory(results: list[dict], dp: int) -> None:
+    for per_rank in results:
+        zero1 = per_rank[1]
+        for stage in (2, 3):
+            held = per_rank[stage]["held"]
+            # Gradients: ZeRO-1's whole (padded) buffer vs a 1/DP shard of every gradient.
+            assert held["grads"] == pytest.approx(zero1["held"]["grads"] / dp, rel=0.01)
+            # Parameters at rest: FSDP2 keeps 1/DP shards at both stages.
+            assert held["params"] == pytest.approx(zero1["held"]["params"] / dp, rel=0.01)
+            # Adam moments: sharded 1/DP at every stage.
+            assert per_rank[stage]["optimizer_state_bytes"] == pytest.approx(
+                zero1["optimizer_state_bytes"], rel=0.01)
+        # Stage 2 keeps a layer's gathered parameters from forward to backward; 3 frees them.
+        assert per_rank[2]["reshard_after_forward"] and not any(
+            per_rank[2]["reshard_after_forward"])
+        assert per_rank[3]["reshard_after_forward"] and all(per_rank[3]["reshard_after_forward"])
+        assert zero1["reshard_after_forward"] == []
+
+
+def test_zero2_zero3_match_zero1_at_dp2(dp2):
+    _check_against_zero1(dp2)
+
+
+def test_zero2_zero3_shard_gradients_and_parameters_at_dp2(dp2):
+    _check_memory(dp2, dp=2)
+
+
+def test_zero2_checkpoint_resume_continues_the_same_run(dp2):
+    """A zero_stage 2 checkpoint (sharded weights and Adam moments, scheduler, data position)
+    written after step 2 resumes into a fresh trainer whose step 3 equals the original's."""
+    for per_rank in dp2:
+        run = per_rank[2]
+        assert run["resumed_from"] == STOP_AT
+        # The resumed step uses the restored weights and Adam moments, bit for bit.
+        assert run["resumed"] == pytest.approx(run["losses"][STOP_AT:], rel=1e-12)
+        assert len(run["resumed"]) == STEPS - STOP_AT
+
+
+def test_zero2_zero3_match_zero1_at_dp2_tp2(dp2_tp2):
+    _check_against_zero1(dp2_tp2)
+    _check_memory(dp2_tp2, dp=2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["parallel.zero_stage=2", "parallel.distributed_optimizer=false"],
+         "parallel.distributed_optimizer"),
+        (["parallel.zero_stage=3", "parallel.overlap_param_gather=true"],
+         "parallel.overlap_param_gather"),
+        (["parallel.zero_stage=2", "parallel.overlap_grad_reduce=true"],
+         "parallel.overlap_grad_reduce"),
+        (["parallel.zero_stage=2", "parallel.pipeline=2"], "parallel.pipeline"),
+    ],
+)
+def test_invalid_zero_stage_combinations_name_the_field(overrides, field):
+    config = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=field):
+        validate(config, 4)
+
+
+def test_zero_stage_must_be_1_2_or_3():
+    with pytest.raises(ConfigError, match="parallel.zero_stage"):
+        load_config(None, ["parallel.zero_stage=4"])
