@@ -50,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=None, help="local ranks to spawn")
     parser.add_argument("--parallel.tensor", dest="tensor", type=int, default=1)
     parser.add_argument("--parallel.pipeline", dest="pipeline", type=int, default=1)
+    parser.add_argument("--parallel.virtual_pipeline", dest="virtual_pipeline", type=int,
+                        default=1)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON line per sample (tokens, log-probs, text)")
     return parser.parse_args(argv)
@@ -79,7 +81,8 @@ def main(argv: list[str]) -> int:
         stop_token_ids=tuple(tokenizer.special_token_id(t) if tokenizer.has_token(t)
                              else _single_token(tokenizer, t) for t in stops))
     kwargs = dict(checkpoint=args.checkpoint, prompts=prompts, options=options,
-                  tensor=args.tensor, pipeline=args.pipeline, pad_id=tokenizer.pad_id)
+                  tensor=args.tensor, pipeline=args.pipeline,
+                  virtual_pipeline=args.virtual_pipeline, pad_id=tokenizer.pad_id)
     if "RANK" in os.environ:
         result = generate_rank(**kwargs)
         if int(os.environ["RANK"]) != 0:
@@ -115,12 +118,13 @@ def saved_config(checkpoint: str) -> dict:
     return dist_checkpointing.load_common_state_dict(str(directory))["config"]
 
 
-def generation_config(saved: dict, *, tensor: int, pipeline: int):
+def generation_config(saved: dict, *, tensor: int, pipeline: int, virtual_pipeline: int = 1):
     """The run config to build the generation model from: the checkpoint's model, our layout."""
     from megatron_keye.config import config_from_dict
 
     saved = dict(saved)
-    saved["parallel"] = {"tensor": tensor, "pipeline": pipeline}
+    saved["parallel"] = {"tensor": tensor, "pipeline": pipeline,
+                         "virtual_pipeline": virtual_pipeline}
     model = dict(saved.get("model") or {})
     model["recompute"] = "none"
     if model.get("attention_backend") == "te":
@@ -130,7 +134,8 @@ def generation_config(saved: dict, *, tensor: int, pipeline: int):
 
 
 def generate_rank(*, checkpoint: str, prompts: list[Prompt], options: GenerationOptions,
-                  tensor: int, pipeline: int, pad_id: int) -> GenerationResult:
+                  tensor: int, pipeline: int, pad_id: int,
+                  virtual_pipeline: int = 1) -> GenerationResult:
     """One rank: build and load the model, generate this DP rank's rows, gather all rows."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -143,13 +148,14 @@ def generate_rank(*, checkpoint: str, prompts: list[Prompt], options: Generation
 
     init_distributed()
     world = dist.get_world_size()
-    config = generation_config(saved_config(checkpoint), tensor=tensor, pipeline=pipeline)
+    config = generation_config(saved_config(checkpoint), tensor=tensor, pipeline=pipeline,
+                               virtual_pipeline=virtual_pipeline)
     validate(config, world)
     dims = ParallelDims.from_config(config.parallel, world)
     device = dims.initialize(seed=config.seed)
     chunks = build_model_chunks(config, device)
-    layout = {"tensor": tensor, "pipeline": pipeline, "virtual_pipeline": 1, "context": 1,
-              "data": dims.data}
+    layout = {"tensor": tensor, "pipeline": pipeline, "virtual_pipeline": virtual_pipeline,
+              "context": 1, "data": dims.data}
     Checkpointer(config.checkpoint, run_config=config_to_dict(config), layout=layout).load(
         resolve_checkpoint_dir(checkpoint), chunks=chunks, optimizer=None, weights_only=True)
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -25,7 +25,8 @@ How it runs (every rank calls `generate` with the same prompts):
   embeddings at the pad tokens. Decode steps feed plain token embeddings.
 - Pipeline. Stages run in order for prefill and for every decode step: a stage receives the
   previous stage's hidden states [n, b, h] (torch.distributed send/recv on the pipeline ranks),
-  runs its layers and sends on. The last stage chooses the tokens (`sampling.py`: all of its TP
+  runs its layers and sends on; with virtual pipelining a rank runs its chunks in turn (chunk v
+  of rank r is stage v * PP + r). The last stage chooses the tokens (`sampling.py`: all of its TP
   ranks gather the vocabulary and choose alike) and broadcasts tokens and log-probs to every
   stage over the pipeline group, so all ranks hold the result and agree on when to stop.
 - Stopping. A row ends at its first stop token (kept in the output) or after
@@ -172,10 +173,8 @@ def generate(
     and options. `first_row` is the global index of this batch's first row (data-parallel
     shares), which seeds each row's sampling stream. Uses our core attention's KV cache.
     """
-    if len(chunks) != 1:
-        raise ValueError("generate: one model chunk per rank (build with virtual_pipeline=1)")
-    chunk = chunks[0]
-    module = chunk.module if hasattr(chunk, "module") else chunk
+    modules = [chunk.module if hasattr(chunk, "module") else chunk for chunk in chunks]
+    module = modules[0]
     model_config = module.model_config
     if model_config.output_head != "lm":
         raise ValueError("model.output_head: generation needs a language-model head ('lm')")
@@ -198,16 +197,17 @@ def generate(
     key_valid = torch.ones((rows, prompt_length + steps), dtype=torch.bool)
     key_valid[:, :prompt_length] = batch.valid
     cache = KVCache(key_valid=key_valid.to(device))
-    stage = _Stage(module, device=device, batch_size=rows)
+    stage = _Stage(modules, device=device, batch_size=rows)
 
     out_tokens = torch.full((rows, steps), pad_id, dtype=torch.int64)
     out_logprobs = torch.zeros((rows, steps), dtype=torch.float32)
     lengths = torch.zeros(rows, dtype=torch.int64)
     stopped = torch.zeros(rows, dtype=torch.bool)
-    was_training = module.training
-    module.eval()
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
-        with attached([module], cache):
+        with attached(modules, cache):
             input_ids, position_ids = batch.tokens, batch.position_ids
             vision = (batch.pixel_values, batch.vision_grids)
             for step in range(steps):
@@ -232,7 +232,8 @@ def generate(
                 position_ids = decode_position.expand(3, rows, 1)
                 vision = (None, None)
     finally:
-        module.train(was_training)
+        for m, mode in zip(modules, was_training, strict=True):
+            m.train(mode)
     prompt_index = torch.arange(len(prompts)).repeat_interleave(options.samples_per_prompt)
     return GenerationResult(tokens=out_tokens, logprobs=out_logprobs, lengths=lengths,
                             stopped=stopped, prompt_index=prompt_index)
@@ -245,47 +246,53 @@ def _tp_group():
 
 
 class _Stage:
-    """This rank's pipeline stage: receive, run the layers, send on (one forward pass)."""
+    """This rank's model chunks in pipeline order: for each, receive (or embed), run its layers,
+    send on (or keep the logits). With virtual pipelining, chunk v of pipeline rank r is global
+    stage v * PP + r, so the chain of sends wraps from the last pipeline rank to the first."""
 
-    def __init__(self, module, *, device: torch.device, batch_size: int):
-        self.module = module
+    def __init__(self, modules: list, *, device: torch.device, batch_size: int):
+        self.modules = modules
         self.device = device
         self.batch_size = batch_size
-        self.hidden_size = module.config.hidden_size
-        self.dtype = module.config.pipeline_dtype or module.config.params_dtype
+        self.hidden_size = modules[0].config.hidden_size
+        self.dtype = modules[0].config.pipeline_dtype or modules[0].config.params_dtype
         self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-        self.consumes_vision = getattr(module, "consumes_vision", False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, *,
                 vision: tuple) -> torch.Tensor | None:
         """Last-position vocab-parallel logits [b, V/tp] on the last stage, else None."""
-        module = self.module
         n = input_ids.size(1)
         input_ids = input_ids.to(self.device)
         position_ids = position_ids.to(self.device)
-        pixel_values, grids = vision
-        if module.pre_process:
-            if pixel_values is not None and not self.consumes_vision:
-                raise ValueError("--image/--video: this model has no vision tower "
-                                 "(model.vision is not set)")
-            if pixel_values is not None:
-                out = module(input_ids, position_ids, pixel_values=pixel_values.to(self.device),
-                             vision_grids=grids.to(self.device))
+        logits = None
+        for module in self.modules:
+            if module.pre_process:
+                out = self._first(module, input_ids, position_ids, vision)
             else:
-                embedded = module.embedding(input_ids=input_ids, position_ids=None)
-                out = module(None, position_ids, decoder_input=embedded)
-        else:
-            hidden = torch.empty((n, self.batch_size, self.hidden_size), dtype=self.dtype,
-                                 device=self.device)
-            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-            module.set_input_tensor(hidden)
-            out = module(None, position_ids)
-        cache.advance(n)
-        if not module.post_process:
-            dist.send(out.to(self.dtype).contiguous(),
-                      dst=parallel_state.get_pipeline_model_parallel_next_rank())
-            return None
-        return out[-1]
+                hidden = torch.empty((n, self.batch_size, self.hidden_size), dtype=self.dtype,
+                                     device=self.device)
+                dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                module.set_input_tensor(hidden)
+                out = module(None, position_ids)
+            if module.post_process:
+                logits = out[-1]
+            else:
+                dist.send(out.to(self.dtype).contiguous(),
+                          dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        cache.advance(n)  # every layer of this rank has written its n slots
+        return logits
+
+    def _first(self, module, input_ids, position_ids, vision) -> torch.Tensor:
+        """The first stage: token embeddings, with the prompt's images/videos in prefill."""
+        pixel_values, grids = vision
+        if pixel_values is None:
+            embedded = module.embedding(input_ids=input_ids, position_ids=None)
+            return module(None, position_ids, decoder_input=embedded)
+        if not getattr(module, "consumes_vision", False):
+            raise ValueError("--image/--video: this model has no vision tower "
+                             "(model.vision is not set)")
+        return module(input_ids, position_ids, pixel_values=pixel_values.to(self.device),
+                      vision_grids=grids.to(self.device))
 
     def broadcast_choice(self, chosen: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last stage's (tokens, log-probs) on every stage of this pipeline (CPU tensors)."""

@@ -5,7 +5,7 @@ log-probs vs the reference, seeds, stop tokens; a vision model's image prompt th
 end vs the reference; its full HF export imported back generating the same tokens, and
 transformers' Qwen3ForCausalLM.generate on the exported language model) and saves the vision
 model's checkpoint; four ranks then load it through the CLI's rank function at TP=2×PP=2,
-TP=1×PP=2×DP=2 and TP=2×DP=2 (text and image prompts).
+TP=1×PP=2×DP=2, TP=2×DP=2 and PP=2×VPP=2×DP=2 (text and image prompts).
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def test_layouts_equal_tp1(single):
              samples=2),
         dict(name="tp2pp2_vision", tensor=2, pipeline=2, vision=True),
         dict(name="tp2dp2_vision_sampled", tensor=2, pipeline=1, vision=True, sampling=SAMPLED),
+        dict(name="pp2vpp2dp2_vision", tensor=1, pipeline=2, virtual_pipeline=2, vision=True),
     ]
     results = run_workers(layouts_worker, 4, timeout=600, cases=cases,
                           checkpoint_dir=paths["checkpoint_dir"])
@@ -119,4 +120,5 @@ def test_layouts_equal_tp1(single):
         _same_rows(result["tp1pp2dp2_sampled"], single["vl_text_sampled"])
         _same_rows(result["tp2pp2_vision"], single["vision"])
         _same_rows(result["tp2dp2_vision_sampled"], single["vision_sampled"])
+        _same_rows(result["pp2vpp2dp2_vision"], single["vision"])
         assert result.keys() == results[0].keys(), rank

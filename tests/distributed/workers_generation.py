@@ -237,6 +237,7 @@ def layouts_worker(*, cases: list[dict], checkpoint_dir: str) -> dict:
                                     samples_per_prompt=case.get("samples", 1))
         result = generate_rank(checkpoint=checkpoint_dir,
                                prompts=prompts, options=options, tensor=case["tensor"],
-                               pipeline=case["pipeline"], pad_id=0)
+                               pipeline=case["pipeline"], pad_id=0,
+                               virtual_pipeline=case.get("virtual_pipeline", 1))
         out[case["name"]] = _rows(result)
     return out
