@@ -145,9 +145,9 @@ class MemoryBreakdown:
     """Bytes per rank on the heaviest pipeline stage (`stage`)."""
 
     stage: str  # "only" (PP = 1) | "first" | "last"
-    params: float  # model weights in the run's precision
+    params: float  # model weights in the run's precision (ZeRO-3: shards + gathered layers)
     main_params: float  # fp32 master copy (16-bit runs), sharded over DP·CP (ZeRO-1)
-    grads: float  # fp32 gradient buffers (grad_reduce_in_fp32), not sharded
+    grads: float  # ZeRO-1: fp32 gradient buffers, not sharded; ZeRO-2/3: 1/(DP·CP) shards
     optimizer: float  # Adam m and v (fp32), sharded over DP·CP
     activations: float  # saved for backward, all in-flight micro-batches
     logits: float  # fp32 cross-entropy softmax of one micro-batch (last stage)
@@ -191,17 +191,23 @@ def stage_params(s: ModelShape, layout: Layout, stage: str) -> float:
 
 
 def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: str = "bf16",
-                   num_microbatches: int = 1, stage: str | None = None) -> MemoryBreakdown:
+                   num_microbatches: int = 1, stage: str | None = None,
+                   zero_stage: int = 1) -> MemoryBreakdown:
     """Predicted memory per rank of `stage` ("only" | "first" | "last"; None = the heaviest).
 
-    `layout.micro_batch` sequences of `seq` tokens per micro-batch; ZeRO-1 over DP·CP.
+    `layout.micro_batch` sequences of `seq` tokens per micro-batch; ZeRO over DP·CP at
+    `zero_stage` (`parallel.zero_stage`): 1 shards the optimizer state; 2 (torch FSDP2) also
+    the gradients, held in the parameters' dtype, with every layer's gathered parameters alive
+    from forward to backward; 3 also the parameters, plus two gathered layers in flight.
     """
     if stage is None:
         if layout.pp == 1:
             return predict_memory(shape, layout, seq=seq, precision=precision,
-                                  num_microbatches=num_microbatches, stage="only")
+                                  num_microbatches=num_microbatches, stage="only",
+                                  zero_stage=zero_stage)
         first, last = (predict_memory(shape, layout, seq=seq, precision=precision,
-                                      num_microbatches=num_microbatches, stage=x)
+                                      num_microbatches=num_microbatches, stage=x,
+                                      zero_stage=zero_stage)
                        for x in ("first", "last"))
         return first if first.total >= last.total else last
     act = 4 if precision == "fp32" else 2
@@ -229,11 +235,16 @@ def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: st
         kv = 2 * shape.kv_heads * shape.head_dim
         width = 2 * kv if layout.cp_comm == "p2p" else 2 * shape.heads * shape.head_dim + kv
         transient += width * act * tokens / (layout.cp * layout.tp)
+    params, grads = n * act, n * 4.0
+    if zero_stage >= 2:
+        grads = n * act / shards
+    if zero_stage >= 3:  # shards at rest, two layers (this one and the prefetched) gathered
+        params = n * act / shards + 2 * (shape.layer / layout.tp + shape.layer_norms) * act
     return MemoryBreakdown(
         stage=stage,
-        params=n * act,
+        params=params,
         main_params=(n * 4 / shards) if precision != "fp32" else 0.0,
-        grads=n * 4,
+        grads=grads,
         optimizer=n * 8 / shards,
         activations=per_mb * held,
         logits=logits,

@@ -131,3 +131,21 @@ def test_invalid_zero_stage_combinations_name_the_field(overrides, field):
 def test_zero_stage_must_be_1_2_or_3():
     with pytest.raises(ConfigError, match="parallel.zero_stage"):
         load_config(None, ["parallel.zero_stage=4"])
+
+
+def test_planner_shards_gradients_at_zero2_and_parameters_at_zero3():
+    from megatron_keye.planning.layout import Layout
+    from megatron_keye.planning.memory import predict_memory
+    from megatron_keye.planning.shapes import ModelShape, model_config
+
+    shape = ModelShape.of(model_config("8b"))
+    layout = Layout(tp=1, cp=1, pp=1, dp=8)
+    by_stage = {z: predict_memory(shape, layout, seq=8192, precision="bf16", zero_stage=z)
+                for z in (1, 2, 3)}
+    one, two, three = by_stage[1], by_stage[2], by_stage[3]
+    # ZeRO-1: whole fp32 gradients; ZeRO-2/3: 1/DP shards in the parameters' dtype (bf16).
+    assert two.grads == pytest.approx(one.grads / 2 / 8) == three.grads
+    assert two.params == one.params > three.params > one.params / 8
+    assert one.optimizer == two.optimizer == three.optimizer
+    assert one.activations == two.activations == three.activations
+    assert one.total > two.total > three.total
