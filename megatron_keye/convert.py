@@ -137,7 +137,45 @@ def hf_model_config(hf_dir: str, *, tensor: int, pipeline: int, precision: str,
         "parallel": {"tensor": tensor, "pipeline": pipeline},
         "precision": precision,
         "stage": stage,
+        "data": media_budgets_from_hf(Path(hf_dir)),
     })
+
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def preprocessor_config_dict(data) -> dict:
+    """The image/video budgets a vision model was trained with, in the processor's terms
+    (pixels; one LLM token per 28x28 pixels), so an exported model is fed as it was trained."""
+    from megatron_keye.data.media.image import TOKEN_PIXELS, ImageConfig
+
+    image = ImageConfig()
+    return {
+        "processor_class": "KeyeVL1_5Processor",
+        "patch_size": image.patch_size,
+        "merge_size": image.merge_size,
+        "image_mean": list(image.image_mean),
+        "image_std": list(image.image_std),
+        "max_pixels": int(data.image_max_tokens) * TOKEN_PIXELS,
+        "video_total_pixels": int(data.video_max_tokens) * TOKEN_PIXELS,
+    }
+
+
+def media_budgets_from_hf(hf_dir: Path) -> dict:
+    """`data.image_max_tokens` / `data.video_max_tokens` from an HF directory's processor
+    config (none when it has no such file or keys)."""
+    from megatron_keye.data.media.image import TOKEN_PIXELS
+
+    path = hf_dir / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return {}
+    processor = json.loads(path.read_text())
+    budgets = {}
+    if "max_pixels" in processor:
+        budgets["image_max_tokens"] = int(processor["max_pixels"]) // TOKEN_PIXELS
+    if "video_total_pixels" in processor:
+        budgets["video_max_tokens"] = int(processor["video_total_pixels"]) // TOKEN_PIXELS
+    return budgets
 
 
 def _vision_token_ids(hf_dir: Path) -> dict:
@@ -272,6 +310,9 @@ def _export_rank(*, checkpoint: str, out_dir: str, tokenizer_dir: str | None,
         hf_config["pad_token_id"] = config.stage.head.reward.pad_token_id
     with open(out / "config.json", "w") as f:
         json.dump(hf_config, f, indent=2)
+    if config.model.vision is not None:
+        (out / PREPROCESSOR_CONFIG).write_text(
+            json.dumps(preprocessor_config_dict(config.data), indent=2))
     return out
 
 

@@ -89,3 +89,21 @@ def test_vision_token_ids_validated():
         validate(config, 1)
     text_only = load_config(None, ["model.video_token_id=4096"])
     validate(text_only, 1)  # unused without a vision tower
+
+
+def test_media_budgets_travel_with_an_export(tmp_path):
+    """An exported vision model carries the image/video token budgets it trained with, and the
+    import restores them, so the front end feeds it the same number of vision tokens."""
+    import json
+
+    from megatron_keye.config import load_config
+    from megatron_keye.convert import (
+        PREPROCESSOR_CONFIG,
+        media_budgets_from_hf,
+        preprocessor_config_dict,
+    )
+
+    data = load_config(None, ["data.image_max_tokens=64", "data.video_max_tokens=128"]).data
+    (tmp_path / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config_dict(data)))
+    assert media_budgets_from_hf(tmp_path) == {"image_max_tokens": 64, "video_max_tokens": 128}
+    assert media_budgets_from_hf(tmp_path / "elsewhere") == {}
