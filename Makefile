@@ -4,20 +4,23 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast lint bench-train bench-video clean
+.PHONY: setup demo demo-text test test-fast lint bench-train bench-video clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch 2.13.0 is on the build machines' disk; install it first so no
 	# dependency pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,video]'
+	$(PY) -m pip install --quiet -e '.[dev,video,wandb]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/megatron-keye demo
+
+demo-text: setup
+	$(VENV)/bin/megatron-keye demo --text
 
 test: setup
 	$(PY) -m pytest -q

@@ -138,9 +138,11 @@ def _config(argv: list[str]) -> int:
 
 def _demo(argv: list[str]) -> int:
     from megatron_keye import demo
+    from megatron_keye.demo import pipeline
 
     if wants_help(argv):
-        print("usage: megatron-keye demo\n\n" + (demo.__doc__ or "").strip())
+        print("usage: megatron-keye demo [--text] [--steps RECIPE=N ...] [--corpus-scale F]\n\n"
+              + (pipeline.__doc__ or "").strip() + "\n\n--text: " + (demo.__doc__ or "").strip())
         return 0
     return demo.main(argv)
 
