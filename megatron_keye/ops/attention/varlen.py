@@ -30,12 +30,17 @@ def varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segments: 
     bounds = cu.tolist()
     gqa = k.size(1) != q.size(1)
     rows = []
-    for row in range(b):
+    # unbind/split (not indexing) so the backward is one stack/cat, not a zero-filled full-size
+    # gradient per piece.
+    for row, (q_row, k_row, v_row) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0),
+                                                   strict=True)):
+        runs = _runs(bounds, row * s, (row + 1) * s)
+        sizes = [length * count for _, length, count in runs]
         pieces = []
-        for first, length, count in _runs(bounds, row * s, (row + 1) * s):
-            start = first - row * s
-            qg, kg, vg = (t[row, :, start:start + count * length]
-                          .unflatten(1, (count, length)).transpose(0, 1) for t in (q, k, v))
+        for (_, length, count), qg, kg, vg in zip(runs, q_row.split(sizes, dim=1),
+                                                  k_row.split(sizes, dim=1),
+                                                  v_row.split(sizes, dim=1), strict=True):
+            qg, kg, vg = (t.unflatten(1, (count, length)).transpose(0, 1) for t in (qg, kg, vg))
             out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal,
                                                  dropout_p=dropout, scale=scale, enable_gqa=gqa)
             pieces.append(out.transpose(0, 1).reshape(h, count * length, d))
