@@ -46,10 +46,13 @@ def test_all_reduce_values_uses_the_comm_device_and_returns_cpu(monkeypatch):
     assert out.dtype == torch.float64
 
 
-# Modules whose job is moving model tensors (activations, K/V): those already live on the
-# compute device, which is the communication device of the model's groups.
+# Modules whose job is moving model tensors (activations, K/V, logits, vision embeddings,
+# weight shards, sampled tokens): those already live on the compute device, which is the
+# communication device of the model's groups.
 MODEL_TENSOR_COMMUNICATION = {"runtime/comm.py", "ops/attention/context_parallel.py",
-                              "heads/logprobs.py"}
+                              "heads/logprobs.py", "models/keye_vl/vision_placement.py",
+                              "convert.py", "post_training/sampling.py",
+                              "post_training/generation.py"}
 
 
 def test_every_bookkeeping_collective_in_the_package_goes_through_comm():
