@@ -177,6 +177,7 @@ def _validate_model(config: TrainConfig) -> None:
     if p.context > 1:
         _validate_context_parallel(config)
     if m.vision is not None:
+        check_vision_config(m.vision, p)
         # Placeholder tokens must be real vocabulary rows (they are replaced by embeddings).
         for name in ("image_token_id", "video_token_id", "vision_start_token_id",
                      "vision_end_token_id"):
@@ -194,6 +195,30 @@ def _validate_model(config: TrainConfig) -> None:
                 "model.attention_backend",
                 f"{m.attention_backend!r} needs CUDA; use 'auto' or 'sdpa' on this machine",
             )
+
+
+def check_vision_config(vision, parallel) -> None:
+    """Raise a ConfigError naming the field when the vision shapes cannot work at this layout
+    (start-up validation, and the vision modules' constructors)."""
+    tp = parallel.tensor
+    for field, value in (("num_attention_heads", vision.num_attention_heads),
+                         ("ffn_hidden_size", vision.ffn_hidden_size),
+                         ("hidden_size", vision.hidden_size)):
+        if value % tp:
+            raise ConfigError(f"model.vision.{field}",
+                              f"{value} is not divisible by parallel.tensor={tp}")
+    if vision.hidden_size % vision.num_attention_heads:
+        raise ConfigError(
+            "model.vision.hidden_size",
+            f"{vision.hidden_size} is not divisible by model.vision.num_attention_heads="
+            f"{vision.num_attention_heads}",
+        )
+    if vision.head_dim % 4:
+        raise ConfigError(
+            "model.vision.hidden_size",
+            f"head_dim {vision.head_dim} (hidden_size / num_attention_heads) must be a multiple "
+            f"of 4 for the 2D RoPE (height and width halves of head_dim / 2)",
+        )
 
 
 def _validate_context_parallel(config: TrainConfig) -> None:

@@ -260,14 +260,13 @@ def test_layouts_and_backends_that_cannot_work_are_refused(monkeypatch):
     from megatron.core.models.gpt import gpt_layer_specs
 
     from megatron_keye.config.schema import ParallelConfig
+    from megatron_keye.config.validation import check_vision_config
     from megatron_keye.models.keye_vl.specs import vision_block_spec
-    from megatron_keye.models.keye_vl.vision import (
-        check_vision_config,
-        vision_transformer_config,
-    )
+    from megatron_keye.models.keye_vl.vision import vision_transformer_config
 
     vc = VisionConfig.from_flavor("tiny")
-    with pytest.raises(ValueError, match=r"parallel.tensor=3 does not divide model.vision"):
+    with pytest.raises(ValueError, match=r"model.vision.num_attention_heads: 4 is not divisible "
+                                         r"by parallel.tensor=3"):
         check_vision_config(vc, ParallelConfig(tensor=3))
     with pytest.raises(ValueError, match="multiple of 4"):
         check_vision_config(VisionConfig.from_flavor("tiny", num_attention_heads=8),

@@ -36,6 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_keye.config.schema import ParallelConfig, VisionConfig
+from megatron_keye.config.validation import check_vision_config
 from megatron_keye.models.keye_vl.specs import vision_block_spec
 from megatron_keye.ops.attention.core import resolve_backend
 from megatron_keye.ops.attention.inputs import AttentionInputs
@@ -103,27 +104,6 @@ def vision_transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
-
-
-def check_vision_config(vision: VisionConfig, parallel: ParallelConfig) -> None:
-    """Raise a ValueError naming the field when the vision shapes cannot work at this layout
-    (for config validation at start-up, and the modules' constructors)."""
-    tp = parallel.tensor
-    for field, value in (("num_attention_heads", vision.num_attention_heads),
-                         ("ffn_hidden_size", vision.ffn_hidden_size),
-                         ("hidden_size", vision.hidden_size)):
-        if value % tp:
-            raise ValueError(f"parallel.tensor={tp} does not divide model.vision.{field} ({value})")
-    if vision.hidden_size % vision.num_attention_heads:
-        raise ValueError(
-            f"model.vision.hidden_size={vision.hidden_size} is not divisible by "
-            f"model.vision.num_attention_heads={vision.num_attention_heads}"
-        )
-    if vision.head_dim % 4:
-        raise ValueError(
-            f"model.vision: head_dim {vision.head_dim} (hidden_size / num_attention_heads) must "
-            f"be a multiple of 4 for the 2D RoPE (height and width halves of head_dim / 2)"
-        )
 
 
 def check_grids(pixel_values: torch.Tensor, grids: torch.Tensor, vision: VisionConfig) -> None:
