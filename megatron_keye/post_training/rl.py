@@ -193,6 +193,7 @@ class RolloutSource:
         self.last_metrics: dict[str, float] = {}
         self.last_rollouts: list[Rollout] = []
         self.timings: dict[str, float] = {}
+        self.cut_responses = 0  # responses cut before a sampled image/video pad token
 
     # ----------------------------------------------------------------------- prompt stream
     def _new_epoch_order(self) -> list[int]:
@@ -262,7 +263,17 @@ class RolloutSource:
             gathered = [None] * dp_size
             dist.all_gather_object(gathered, rows, group=parallel_state.get_data_parallel_group())
             rows = sorted((row for part in gathered for row in part), key=lambda row: row[0])
-        return [(tokens, logprobs) for _, tokens, logprobs in rows]
+        return [self._cut_at_vision_pads(tokens, logprobs) for _, tokens, logprobs in rows]
+
+    def _cut_at_vision_pads(self, tokens: list[int], logprobs: list[float]):
+        """A response ends before any image/video pad token it sampled: such a token would ask
+        the model for vision embeddings the prompt does not have (counted in the metrics)."""
+        pads = (self.config.model.image_token_id, self.config.model.video_token_id)
+        for i, token in enumerate(tokens):
+            if token in pads:
+                self.cut_responses += 1
+                return tokens[:i], logprobs[:i]
+        return tokens, logprobs
 
     def _score(self, record: PromptRecord, prompt: Prompt, level: int, rows) -> list[Rollout]:
         out = []
@@ -333,6 +344,7 @@ class RolloutSource:
             "rl/response_length": sum(len(r.response) for r in rollouts) / n,
             "rl/hint_level_mean": sum(r.level for r in rollouts) / n,
             "rl/filtered_prompts": float(len(self.retired)),
+            "rl/cut_at_vision_pad": float(self.cut_responses),
             "rl/rollout_s": self.timings["rollout_s"],
             "rl/reward_s": self.timings["reward_s"],
             "rl/generated_tokens_per_s": (self.timings["generated_tokens"]
@@ -384,6 +396,7 @@ class RolloutSource:
                 "position": self.position, "order": list(self.order),
                 "retired": sorted(self.retired), "hint_table": self.hint_table.state_dict(),
                 "totals": dict(self.totals), "metrics": dict(self.last_metrics),
+                "cut_responses": self.cut_responses,
                 "pending": [dict(b) for b in self.pending]}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -393,5 +406,6 @@ class RolloutSource:
         self.retired = {int(i) for i in state["retired"]}
         self.hint_table.load_state_dict(state["hint_table"])
         self.totals = dict(state["totals"])
+        self.cut_responses = int(state.get("cut_responses", 0))
         self.last_metrics = dict(state.get("metrics") or {})
         self.pending = [dict(b) for b in state["pending"]]
