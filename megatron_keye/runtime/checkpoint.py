@@ -170,6 +170,7 @@ class Checkpointer:
                 f"{self.layout}); set checkpoint.load_weights_only=true or resave with "
                 f"checkpoint.optimizer_format=fully_reshardable"
             )
+        _check_zero_stage_fits(common, chunks, self.layout, directory)
         sharded = {"model": _model_sharded_state(chunks)}
         fresh = _keep_fresh_value_heads(sharded["model"], common.get("config") or {})
         if load_optimizer:
@@ -256,6 +257,34 @@ def _check_same_vocabulary(saved: dict, current: dict, directory: Path) -> None:
                 f"model.{key}: checkpoint {directory} was saved with a vocabulary of {theirs} "
                 f"rows, this run has {ours}; use the checkpoint's model settings"
             )
+
+
+def _check_zero_stage_fits(common: dict, chunks, layout: dict, directory: Path) -> None:
+    """Refuse to mix checkpoints and models across `parallel.zero_stage` 1 and 2/3.
+
+    A zero_stage 2/3 checkpoint stores each tensor as its FSDP2 data-parallel shards (rows
+    chunked over DP). megatron-core's gated-MLP `linear_fc1` state (mlp.py
+    `apply_swiglu_sharded_factory`) splits every local tensor into its gate and up halves, which
+    only holds for whole tensor-parallel pieces: under FSDP2 those halves are not the gate and
+    up rows, so such a checkpoint reloads correctly only into the same zero_stage 2/3 layout,
+    and a stage-1 checkpoint does not load into a 2/3 model either. Stage 1 and stages 2/3 also
+    store Adam state differently. Everything else is refused here, naming the field, rather
+    than loading scrambled weights.
+    """
+    saved_stage = int(((common.get("config") or {}).get("parallel") or {}).get("zero_stage", 1))
+    saved_sharded = saved_stage > 1
+    model_sharded = any(hasattr(chunk, "load_local_state_dict") for chunk in chunks)
+    if not (saved_sharded or model_sharded):
+        return
+    if saved_sharded != model_sharded or common.get("layout") != layout:
+        here = "zero_stage 2/3" if model_sharded else "zero_stage 1 (or an unwrapped model)"
+        raise ValueError(
+            f"parallel.zero_stage: checkpoint {directory} was saved at zero_stage {saved_stage} "
+            f"in layout {common.get('layout')}; this model is {here} in layout {layout}. "
+            f"zero_stage 2/3 checkpoints load only at zero_stage 2/3 in the same layout, and "
+            f"zero_stage 1 checkpoints only at zero_stage 1 (FSDP2 shards split megatron-core's "
+            f"gated linear_fc1 state wrongly); use the checkpoint's zero_stage and layout"
+        )
 
 
 def _saved_output_head(config: dict) -> str:

@@ -105,6 +105,13 @@ def test_zero2_checkpoint_resume_continues_the_same_run(dp2):
         assert len(run["resumed"]) == STEPS - STOP_AT
 
 
+def test_zero2_checkpoint_refuses_to_seed_a_zero1_run(dp2):
+    """FSDP2 shards do not fit megatron-core's gated linear_fc1 checkpoint split: refused."""
+    for per_rank in dp2:
+        error = per_rank["cross_stage_error"]
+        assert error is not None and error.startswith("parallel.zero_stage:"), error
+
+
 def test_zero2_zero3_match_zero1_at_dp2_tp2(dp2_tp2):
     _check_against_zero1(dp2_tp2)
     _check_memory(dp2_tp2, dp=2)

@@ -120,5 +120,13 @@ def zero_stages_worker(*, layout: dict, batches: list[dict], stages: tuple[int, 
                          save_dir=save_dir if stage == save_stage else None, save_at=save_at)
         for stage in stages
     }
+    if save_dir:  # the zero_stage 2 checkpoint seeding a zero_stage 1 run is refused
+        config = tiny_config(layout, extra=("parallel.zero_stage=1", f"checkpoint.load={save_dir}",
+                                            "checkpoint.load_state=weights"))
+        try:
+            build_trainer(config, batches, None)
+            results["cross_stage_error"] = None
+        except ValueError as err:
+            results["cross_stage_error"] = str(err)
     dist.barrier()
     return results
