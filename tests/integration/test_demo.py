@@ -1,5 +1,5 @@
 """`megatron-keye demo`, shortened: corpus -> shards -> HF import -> stage 1 -> stage 2 ->
-stage 3 (CP=2 x PP=2, 4x the sequence, base 8e6) -> SFT -> MPO -> HF export and back ->
+stage 3 (CP=2 x PP=2, 4x the sequence, base 8e6) -> SFT -> MPO -> reward model; HF export and back ->
 an image + video answer; the loss falls in every stage, each stage writes its loss plot, and
 stage 1 trained the projector only."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 STEPS = {"tiny-cpu-stage1": 4, "tiny-cpu-stage2": 3, "tiny-cpu-stage3": 3, "tiny-cpu-sft": 3,
-         "tiny-cpu-mpo": 3}
+         "tiny-cpu-mpo": 3, "tiny-cpu-rm": 4}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,10 @@ def demo_run(tmp_path_factory):
 def test_demo_runs_end_to_end_and_every_loss_falls(demo_run):
     root, done = demo_run
     assert done.returncode == 0, done.stdout[-5000:]
-    assert "loss fell in every stage: yes" in done.stdout
+    assert "loss fell in every stage (second half's mean below the first half's): yes" in \
+        done.stdout
     assert "generate the same tokens" in done.stdout
-    for stage in ("stage1", "stage2", "stage3", "sft", "mpo"):
+    for stage in ("stage1", "stage2", "stage3", "sft", "mpo", "rm"):
         plot = root / "outputs/demo" / stage / "loss.png"
         assert plot.stat().st_size > 1000, plot
     assert (root / "outputs/demo/hf/config.json").exists()
