@@ -126,9 +126,10 @@ class ParallelConfig:
     # ZeRO-1: shard Adam state and the fp32 master copy over data-parallel ranks.
     distributed_optimizer: bool = True
     # ZeRO stage over data (x context) ranks: 1 = megatron-core DDP + distributed optimizer
-    # (Adam state sharded); 2 = torch FSDP2 through megatron-core, gradients and Adam state
-    # sharded, parameters kept gathered from forward to backward; 3 = the same, parameters
-    # also re-sharded after forward. 2 and 3 need distributed_optimizer=true.
+    # (Adam state sharded); 2 = torch FSDP2 through megatron-core (gradients, parameters at
+    # rest and Adam state sharded; a layer's gathered parameters live from its forward to its
+    # backward); 3 = the same, gathered parameters freed after forward and gathered again in
+    # backward. 2 and 3 need distributed_optimizer=true and pipeline=1.
     zero_stage: Literal[1, 2, 3] = 1
     overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
     overlap_param_gather: bool = False  # all-gather updated ZeRO-1 parameters during the next forward
