@@ -10,6 +10,7 @@
     megatron-keye merge --method ties --base PRE --model A --model B --density 0.2 --out OUT
     megatron-keye generate --checkpoint CKPT --prompt "Describe it." --image cat.png  # KV cache
     megatron-keye score --checkpoint RM --data pairs.jsonl        # reward model pair accuracy
+    megatron-keye reference-logprobs --recipe tiny-cpu-mpo --checkpoint REF  # DPO/MPO sidecars
     megatron-keye rft --checkpoint CKPT --prompts p.jsonl --out rft/  # rejection sampling -> SFT shards
     megatron-keye pipeline tiny-cpu-stage1 tiny-cpu-stage2 tiny-cpu-stage3  # stages in order
     megatron-keye launch --dry-run --recipe keye8b-stage3 --nodes 8 --gpus-per-node 8
@@ -171,6 +172,12 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def _reference_logprobs(argv: list[str]) -> int:
+    from megatron_keye.post_training.reference_pass import cli_main
+
+    return cli_main(argv)
+
+
 def _rft(argv: list[str]) -> int:
     from megatron_keye.post_training.rft import cli_main
 
@@ -198,7 +205,8 @@ def _launch(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "convert": _convert, "config": _config, "demo": _demo,
             "generate": _generate,
             "plan": _plan, "merge": _merge, "preprocess": _preprocess, "pipeline": _pipeline,
-            "launch": _launch, "score": _score, "rft": _rft}
+            "launch": _launch, "score": _score, "rft": _rft,
+            "reference-logprobs": _reference_logprobs}
 
 
 def main(argv: list[str] | None = None) -> int:

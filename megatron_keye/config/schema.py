@@ -206,6 +206,9 @@ class DataConfig:
     prefetch_rows: int = 4  # shards: rows each worker prepares ahead
     image_max_tokens: int = 20480  # shards: LLM tokens of one image at most (keye-vl-utils: 20,480)
     video_max_tokens: int = 65536  # shards: token budget of one video (keye-vl-utils: 65,536)
+    # shards: fill each row's ref_logprobs from the reference log-prob sidecars of this tag
+    # (`megatron-keye reference-logprobs --out-tag TAG`) for `reference: precomputed`; None = off.
+    ref_logprobs: str | None = None
 
 
 @dataclass(kw_only=True)

@@ -6,6 +6,8 @@ same message instead of deadlocking or silently computing something else hours l
 
 from __future__ import annotations
 
+import re
+
 from megatron_keye.config.loading import ConfigError
 from megatron_keye.config.schema import ParallelConfig, TrainConfig
 
@@ -318,6 +320,9 @@ def _validate_shard_data(config: TrainConfig, world_size: int) -> None:
     """`data.kind: shards`: sources, weights and the loader's counts (files are checked later)."""
     d = config.data
     if d.kind != "shards":
+        if d.ref_logprobs is not None:
+            raise ConfigError("data.ref_logprobs", f"reference log-prob sidecars come with "
+                                                   f"data.kind=shards, not {d.kind}")
         return
     if not d.sources:
         raise ConfigError("data.sources", "data.kind=shards needs at least one source "
@@ -335,6 +340,9 @@ def _validate_shard_data(config: TrainConfig, world_size: int) -> None:
     for name, least in minimums.items():
         if getattr(d, name) < least:
             raise ConfigError(f"data.{name}", f"must be >= {least}, got {getattr(d, name)}")
+    if d.ref_logprobs is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", d.ref_logprobs):
+        raise ConfigError("data.ref_logprobs", f"a sidecar tag of letters, digits, _ and -, got "
+                                               f"{d.ref_logprobs!r}")
     dp = data_parallel_size(config.parallel, world_size)
     if d.num_streams and d.num_streams % dp:
         raise ConfigError("data.num_streams", f"{d.num_streams} is not a multiple of the "

@@ -50,11 +50,28 @@ and blending decisions that must not decode media.
 
 Compatibility: readers accept any `format_version <= FORMAT_VERSION`; later versions only add
 fields, and `read_record` keeps unknown fields in `Record.extra`.
+
+Reference log-prob sidecars (`megatron-keye reference-logprobs`, read with `data.ref_logprobs`):
+next to shard `NAME-000003.tar`, the file `NAME-000003.reflogp-TAG.npz` (`reflogp_path`) holds,
+for every sample of the shard that training packs (each side of a pair separately), the frozen
+reference model's per-token log p(label) over that sample's rendered, expanded tokens (label
+shifted within the sample; 0 where the label is ignored). NumPy arrays (no pickles):
+    keys        str [n]      the sample key
+    parts       int64 [n]    the sample's place in its unit (0; pairs: 0 chosen, 1 rejected)
+    tokens      str [n]      `token_fingerprint` of the sample's expanded token ids
+    offsets     int64 [n+1]  entry i spans logprobs[offsets[i]:offsets[i+1]] (= its token count)
+    logprobs    float32      all entries, concatenated
+    meta        str []       JSON: sidecar version, tag, checkpoint, seq_length, seed
+The loader looks an entry up by (key, part) and refuses a sample whose tokens differ from the
+fingerprint or whose length differs (another template, media budget, seq_length or tokenizer than
+the pass used): the error names the sample and the sidecar.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -405,3 +422,86 @@ def read_index(path: str | Path) -> ShardIndex:
     return ShardIndex(name=value.get("name", path.name.removesuffix(".index.json")),
                       shards=shards, sources=sources, rejects=int(value.get("rejects", 0)),
                       tokenizer_sha256=value.get("tokenizer_sha256", ""), format_version=version)
+
+
+# ------------------------------------------------------------- reference log-prob sidecars
+REFLOGP_VERSION = 1
+
+
+class SidecarMismatch(ValueError):
+    """A reference log-prob sidecar that does not fit the sample training renders."""
+
+
+def reflogp_path(shard_path: str | Path, tag: str) -> Path:
+    """The sidecar of `shard_path` for reference tag `tag` (NAME-000003.reflogp-TAG.npz)."""
+    shard = Path(shard_path)
+    stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.name
+    return shard.with_name(f"{stem}.reflogp-{tag}.npz")
+
+
+def token_fingerprint(tokens) -> str:
+    """A 64-bit hex digest of a sample's token ids (int64), keying its rendering."""
+    import numpy as np
+
+    data = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1)).tobytes()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def write_reflogp(path: str | Path, entries: list[tuple[str, int, str, object]], *,
+                  meta: dict) -> None:
+    """Write a sidecar from (key, part, token fingerprint, float32 log-probs) entries, atomically
+    (a temporary file renamed into place)."""
+    import numpy as np
+
+    path = Path(path)
+    arrays = [np.asarray(e[3], dtype=np.float32).reshape(-1) for e in entries]
+    offsets = np.zeros(len(entries) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([a.size for a in arrays]) if arrays else []
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, keys=np.array([e[0] for e in entries], dtype=str),
+             parts=np.array([e[1] for e in entries], dtype=np.int64),
+             tokens=np.array([e[2] for e in entries], dtype=str), offsets=offsets,
+             logprobs=np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.float32),
+             meta=np.array(json.dumps({"version": REFLOGP_VERSION, **meta}, sort_keys=True)))
+    os.replace(tmp, path)
+
+
+class ReflogpSidecar:
+    """A sidecar read back: `lookup(key, part, tokens)` gives that sample's log-probs."""
+
+    def __init__(self, path: str | Path):
+        import numpy as np
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"data.ref_logprobs: no reference log-prob sidecar "
+                                    f"{self.path} (run `megatron-keye reference-logprobs`)")
+        with np.load(self.path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if int(meta.get("version", 0)) > REFLOGP_VERSION:
+                raise SidecarMismatch(f"{self.path}: sidecar version {meta.get('version')} is "
+                                      f"newer than this reader's {REFLOGP_VERSION}")
+            self.meta = meta
+            self.offsets = data["offsets"]
+            self.logprobs = data["logprobs"]
+            self.tokens = [str(t) for t in data["tokens"]]
+            self.index = {(str(k), int(p)): i
+                          for i, (k, p) in enumerate(zip(data["keys"], data["parts"], strict=True))}
+
+    def lookup(self, key: str, part: int, tokens):
+        """The float32 log-probs of sample (`key`, `part`) whose token ids are `tokens`."""
+        where = self.index.get((key, part))
+        if where is None:
+            raise SidecarMismatch(f"sample {key} (part {part}): not in reference log-prob sidecar "
+                                  f"{self.path} (made before the shard changed?)")
+        start, end = int(self.offsets[where]), int(self.offsets[where + 1])
+        length = len(tokens)
+        if end - start != length:
+            raise SidecarMismatch(f"sample {key} (part {part}): {length} tokens, but sidecar "
+                                  f"{self.path} has {end - start} reference log-probs (another "
+                                  f"template, media budget, seq_length or tokenizer?)")
+        if token_fingerprint(tokens) != self.tokens[where]:
+            raise SidecarMismatch(f"sample {key} (part {part}): its rendered tokens differ from "
+                                  f"those sidecar {self.path} was computed on (another template "
+                                  f"or tokenizer?)")
+        return self.logprobs[start:end]

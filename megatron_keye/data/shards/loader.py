@@ -380,7 +380,7 @@ def build_shard_loader(config, *, dp_rank: int, dp_size: int, context_parallel: 
                            overlong=data.overlong, open_rows=data.pack_open_rows,
                            shuffle_buffer=data.shuffle_buffer if data.shuffle else 1,
                            ids=tokenizer.vision,
-                           pad_id=tokenizer.pad_id)
+                           pad_id=tokenizer.pad_id, ref_logprobs=data.ref_logprobs)
     num_streams = data.num_streams or dp_size * max(data.num_workers, 1)
     sources = resolve_sources(data.sources, tokenizer_sha256=tokenizer_fingerprint(data.tokenizer))
     plan = LoaderPlan(sources=tuple(sources), seed=data.seed,

@@ -5,7 +5,9 @@ parses and encodes them (`encode.py`: template, media decoding, placeholder expa
 best-fit (`packing.py`) and returns finished rows. Its `state_dict` is small and exact: the
 sample stream's cursors and shuffle buffers (references), the references of the units in open
 and finished-but-unsent rows (re-read and re-encoded on restore; encoding is deterministic), the
-row counter and the fault counters. A bad sample (unparsable record, missing member,
+row counter and the fault counters. With `RowSettings.ref_logprobs` set, each row's
+`ref_logprobs` field is filled from the sources' reference log-prob sidecars (format.py) at each
+sample's token positions (0 elsewhere); a sample the sidecar does not match raises. A bad sample (unparsable record, missing member,
 undecodable media) is skipped, counted per source and reason, and reported as an event; a shard
 that vanished or is truncated raises `ShardError`.
 """
@@ -18,11 +20,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_keye.data.shards.format import RecordFormatError, read_record
+from megatron_keye.data import batch as contract
+from megatron_keye.data.shards.format import (
+    RecordFormatError,
+    ReflogpSidecar,
+    read_record,
+    reflogp_path,
+)
 from megatron_keye.data.shards.packing import (
     BestFitPacker,
     PackUnit,
     build_row,
+    padded_length,
     sample_length,
     truncate_sample,
 )
@@ -60,6 +69,7 @@ class RowSettings:
     shuffle_buffer: int
     ids: VisionTokenIds
     pad_id: int
+    ref_logprobs: str | None = None  # sidecar tag filling the rows' ref_logprobs; None = none
 
 
 @dataclass
@@ -100,6 +110,7 @@ class RowStream:
         self.rows = 0
         self.faults = {o.source.name: dict.fromkeys(FAULT_KINDS, 0) for o in orders}
         self.events: list[str] = []
+        self.sidecars: dict[str, ReflogpSidecar] = {}
 
     # -------------------------------------------------------------------------- samples
     def _shard(self, ref: SampleRef):
@@ -157,6 +168,39 @@ class RowStream:
             self.events.append(f"data: skipped sample {key} of source {source} ({reason}): "
                                f"{detail}")
 
+    def unit_at(self, ref: SampleRef) -> PackUnit | None:
+        """The unit sample `ref` becomes in a row (encoded and fitted as training does), or None
+        when it is skipped or dropped (counted like in training)."""
+        source = self.orders[ref.source].source
+        try:
+            unit = self._encode(ref)
+        except SampleSkip as skip:
+            self._fault(source.name, skip.reason, self._key(ref), skip.detail)
+            return None
+        return self._fit(unit, self._key(ref), source.name)
+
+    def sample_key(self, ref: SampleRef) -> str:
+        """The key of sample `ref` in its shard (what the reference log-prob sidecars use)."""
+        return self._shard(ref).key(ref.index)
+
+    def _reference_row(self, units: list[_Unit]) -> torch.Tensor:
+        """[1, seq_length] float32 reference log-probs of a row's samples from the sidecars."""
+        values = torch.zeros(1, self.settings.seq_length, dtype=torch.float32)
+        cursor = 0
+        for u in units:
+            path = self.orders[u.ref.source].source.shards[u.ref.shard]
+            sidecar = self.sidecars.get(path)
+            if sidecar is None:
+                sidecar = self.sidecars[path] = ReflogpSidecar(
+                    reflogp_path(path, self.settings.ref_logprobs))
+            key = self.sample_key(u.ref)
+            for part, sample in enumerate(u.unit.samples):
+                tokens = torch.as_tensor(sample.tokens).flatten()
+                found = sidecar.lookup(key, part, tokens.tolist())
+                values[0, cursor:cursor + tokens.numel()] = torch.from_numpy(found.copy())
+                cursor += padded_length(tokens.numel(), self.settings.pad_multiple)
+        return values
+
     def _next_unit(self) -> _Unit:
         while True:
             ref = self.samples.next_ref()
@@ -188,6 +232,8 @@ class RowStream:
         batch = build_row([u.unit for u in units], seq_length=self.settings.seq_length,
                           pad_multiple=self.settings.pad_multiple, ids=self.settings.ids,
                           pad_id=self.settings.pad_id)
+        if self.settings.ref_logprobs:
+            batch[contract.REF_LOGPROBS] = self._reference_row(units)
         samples = []
         for u in units:
             key = self._key(u.ref)
