@@ -43,7 +43,8 @@ def bench_worker(*, flavor: str, prompts_per_rollout: int, group_size: int, new_
         f"rl.max_new_tokens={new_tokens}", "rl.hints=false", "rl.reward_terms=[numeric]",
         "data.seq_length=256", "schedule.micro_batch_size=2", "schedule.global_batch_size=8",
         f"schedule.train_iters={minibatches * (repeats + 1) * 2}", "schedule.warmup_iters=0",
-        "parallel.distributed_optimizer=false", "optimizer.lr=1e-6"])
+        "parallel.distributed_optimizer=false", "optimizer.lr=1e-6",
+        "optimizer.min_lr=1e-6", "schedule.decay_style=constant"])
     trainer = Trainer(config).setup()
     source = trainer.loader
     chunk = trainer.model[0].module
