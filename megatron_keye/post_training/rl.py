@@ -59,6 +59,9 @@ from megatron_keye.post_training.rl_batch import Rollout, local_microbatches, sp
 
 log = logging.getLogger(__name__)
 
+# Per-rank wall-clock metrics (logged, not checkpointed).
+TIMINGS = ("rl/rollout_s", "rl/reward_s", "rl/generated_tokens_per_s")
+
 
 # ----------------------------------------------------------------------------- config checks
 def check_rl_config(config: TrainConfig) -> None:
@@ -395,7 +398,9 @@ class RolloutSource:
         return {"rollouts_done": self.rollouts_done, "epoch": self.epoch,
                 "position": self.position, "order": list(self.order),
                 "retired": sorted(self.retired), "hint_table": self.hint_table.state_dict(),
-                "totals": dict(self.totals), "metrics": dict(self.last_metrics),
+                "totals": dict(self.totals),
+                # timings differ per rank; everything else is identical on every rank
+                "metrics": {k: v for k, v in self.last_metrics.items() if k not in TIMINGS},
                 "cut_responses": self.cut_responses,
                 "pending": [dict(b) for b in self.pending]}
 
