@@ -150,14 +150,14 @@ def compute_reference_logprobs(cfg: TrainConfig, checkpoint: str, *, tag: str) -
     return summary
 
 
-def reference_pass_on_ranks(*, config: dict, checkpoint: str, tag: str, world_size: int) -> dict:
+def reference_pass_on_ranks(*, config: dict, checkpoint: str, tag: str, world: int) -> dict:
     """One rank of a launched or spawned world: initialize the layout, run the pass."""
     from megatron_keye.config import config_from_dict, validate
     from megatron_keye.runtime.parallel import ParallelDims
 
     cfg = config_from_dict(config)
-    validate(cfg, world_size)
-    ParallelDims.from_config(cfg.parallel, world_size).initialize(seed=cfg.seed)
+    validate(cfg, world)
+    ParallelDims.from_config(cfg.parallel, world).initialize(seed=cfg.seed)
     summary = compute_reference_logprobs(cfg, checkpoint, tag=tag)
     return {"files": summary.files, "samples": summary.samples, "skipped": summary.skipped}
 
@@ -184,11 +184,11 @@ def cli_main(argv: list[str], *, prog: str = "megatron-keye reference-logprobs")
     cfg.data.ref_logprobs = tag  # validated as a tag with the rest
     kwargs = dict(config=config_to_dict(cfg), checkpoint=args.checkpoint, tag=tag)
     if "RANK" in os.environ:
-        results = [reference_pass_on_ranks(world_size=int(os.environ["WORLD_SIZE"]), **kwargs)]
+        results = [reference_pass_on_ranks(world=int(os.environ["WORLD_SIZE"]), **kwargs)]
     else:
         world = args.nproc or 1
         results = spawn_ranks(reference_pass_on_ranks, world, timeout=7 * 24 * 3600.0,
-                              threads=max(1, (os.cpu_count() or 1) // world), world_size=world,
+                              threads=max(1, (os.cpu_count() or 1) // world), world=world,
                               **kwargs)
     files = sorted({f for r in results for f in r["files"]})
     samples = sum(r["samples"] for r in results if r["files"])
