@@ -106,3 +106,17 @@ def test_mismatched_sidecar_is_refused_naming_the_sample(results, tmp_path):
     loader = build_shard_loader(config, dp_rank=0, dp_size=1)
     with pytest.raises(SidecarMismatch, match=rf"sample {key} \(part {part}\): .* tokens"):
         loader.next_step()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"kind": "shards", "sources": [{"path": "x", "weight": 1}], "ref_logprobs": "a/b"},
+     "sidecar tag"),
+    ({"kind": "synthetic_text", "ref_logprobs": "ref"}, "data.kind=shards"),
+])
+def test_ref_logprobs_option_is_validated(data, message):
+    from megatron_keye.config import config_from_dict, validate
+    from megatron_keye.config.loading import ConfigError
+
+    config = config_from_dict({"model": {"flavor": "tiny"}, "data": data})
+    with pytest.raises(ConfigError, match=rf"data.ref_logprobs.*{message}"):
+        validate(config, 1)
