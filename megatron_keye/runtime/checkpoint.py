@@ -34,11 +34,15 @@ from megatron_keye.runtime.mcore_fallback import ensure_optimizer_state
 from megatron_keye.runtime.optim import (
     optimizer_sharded_state_dict,
     restore_dtensor_optimizer_state,
+    whole_parameters,
 )
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+# Common-dict marker of checkpoints whose model weights are whole TP pieces at every zero_stage
+# (zero_stage 2/3 checkpoints written before it hold FSDP2 row shards: same layout only).
+WHOLE_WEIGHTS = "whole_tp_pieces"
 _TMP, _OLD = ".tmp_", ".old_"  # a checkpoint being written; one set aside while re-saved
 
 
@@ -109,7 +113,7 @@ class Checkpointer:
             # The nested per-chunk dict, never a merged one: see _model_sharded_state.
             sharded["optimizer"] = optimizer_sharded_state_dict(
                 optimizer,
-                sharded["model"],
+                _optimizer_model_state(chunks, sharded["model"]),
                 is_loading=False,
                 metadata={"distrib_optim_sharding_type": fmt},
             )
@@ -123,6 +127,7 @@ class Checkpointer:
             config=self.run_config,
             layout=self.layout,
             has_optimizer=optimizer is not None,
+            weights_format=WHOLE_WEIGHTS,
         )
         dist_checkpointing.save(
             sharded, str(tmp), content_metadata={"distrib_optim_sharding_type": fmt}
@@ -170,14 +175,19 @@ class Checkpointer:
                 f"{self.layout}); set checkpoint.load_weights_only=true or resave with "
                 f"checkpoint.optimizer_format=fully_reshardable"
             )
-        _check_zero_stage_fits(common, chunks, self.layout, directory)
-        sharded = {"model": _model_sharded_state(chunks)}
+        legacy = _check_zero_stage_fits(
+            common, chunks, self.layout, directory, with_optimizer=load_optimizer
+        )
+        if legacy:  # an older zero_stage 2/3 checkpoint: FSDP2 row shards, same layout
+            sharded = {"model": _optimizer_model_state(chunks, None)}
+        else:
+            sharded = {"model": _model_sharded_state(chunks)}
         fresh = _keep_fresh_value_heads(sharded["model"], common.get("config") or {})
         if load_optimizer:
             ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer_sharded_state_dict(
                 optimizer,
-                sharded["model"],
+                sharded["model"] if legacy else _optimizer_model_state(chunks, sharded["model"]),
                 is_loading=True,
                 metadata={"distrib_optim_sharding_type": fmt},
             )
@@ -187,7 +197,7 @@ class Checkpointer:
         for index, chunk in enumerate(chunks):
             state = loaded["model"][f"chunk{index}"]
             state.update(fresh.get(f"chunk{index}", {}))
-            if hasattr(chunk, "load_local_state_dict"):  # zero_stage 2/3: DTensor shards
+            if hasattr(chunk, "load_local_state_dict"):  # zero_stage 2/3: into the DTensors
                 chunk.load_local_state_dict(state)
             else:
                 _unwrap(chunk).load_state_dict(state, strict=True)
@@ -259,32 +269,41 @@ def _check_same_vocabulary(saved: dict, current: dict, directory: Path) -> None:
             )
 
 
-def _check_zero_stage_fits(common: dict, chunks, layout: dict, directory: Path) -> None:
-    """Refuse to mix checkpoints and models across `parallel.zero_stage` 1 and 2/3.
+def _check_zero_stage_fits(common: dict, chunks, layout: dict, directory: Path, *,
+                           with_optimizer: bool) -> bool:
+    """Refuse the `parallel.zero_stage` combinations a checkpoint cannot load into, naming it.
 
-    A zero_stage 2/3 checkpoint stores each tensor as its FSDP2 data-parallel shards (rows
-    chunked over DP). megatron-core's gated-MLP `linear_fc1` state (mlp.py
-    `apply_swiglu_sharded_factory`) splits every local tensor into its gate and up halves, which
-    only holds for whole tensor-parallel pieces: under FSDP2 those halves are not the gate and
-    up rows, so such a checkpoint reloads correctly only into the same zero_stage 2/3 layout,
-    and a stage-1 checkpoint does not load into a 2/3 model either. Stage 1 and stages 2/3 also
-    store Adam state differently. Everything else is refused here, naming the field, rather
-    than loading scrambled weights.
+    Model weights are stored as whole tensor-parallel pieces at every zero_stage (see
+    `_model_sharded_state`), so they load across zero_stage 1/2/3 and layouts. The optimizer
+    state is not: zero_stage 1 stores the distributed optimizer's, 2/3 the plain optimizer's
+    FSDP2 row shards (laid out by the model's DTensor shards, which megatron-core's gated-MLP
+    `linear_fc1` gate/up split only reproduces in the same layout). So Adam state loads only
+    between zero_stage 1 runs, or between zero_stage 2/3 runs of the same layout; a zero_stage
+    2/3 checkpoint written before weights were stored whole (no `weights_format`) loads only at
+    zero_stage 2/3 in the same layout. Returns whether the checkpoint is such an older one.
     """
     saved_stage = int(((common.get("config") or {}).get("parallel") or {}).get("zero_stage", 1))
     saved_sharded = saved_stage > 1
     model_sharded = any(hasattr(chunk, "load_local_state_dict") for chunk in chunks)
-    if not (saved_sharded or model_sharded):
-        return
-    if saved_sharded != model_sharded or common.get("layout") != layout:
-        here = "zero_stage 2/3" if model_sharded else "zero_stage 1 (or an unwrapped model)"
+    legacy = saved_sharded and common.get("weights_format") != WHOLE_WEIGHTS
+    here = "zero_stage 2/3" if model_sharded else "zero_stage 1 (or an unwrapped model)"
+    same = saved_sharded == model_sharded and common.get("layout") == layout
+    if legacy and not (model_sharded and common.get("layout") == layout):
         raise ValueError(
             f"parallel.zero_stage: checkpoint {directory} was saved at zero_stage {saved_stage} "
-            f"in layout {common.get('layout')}; this model is {here} in layout {layout}. "
-            f"zero_stage 2/3 checkpoints load only at zero_stage 2/3 in the same layout, and "
-            f"zero_stage 1 checkpoints only at zero_stage 1 (FSDP2 shards split megatron-core's "
-            f"gated linear_fc1 state wrongly); use the checkpoint's zero_stage and layout"
+            f"in layout {common.get('layout')} in the older FSDP2-row-shard format, which loads "
+            f"only at zero_stage 2/3 in the same layout; this model is {here} in layout "
+            f"{layout}. Load it there and save it again to make it reshardable"
         )
+    if with_optimizer and (saved_sharded or model_sharded) and not same:
+        raise ValueError(
+            f"parallel.zero_stage: checkpoint {directory} was saved at zero_stage {saved_stage} "
+            f"in layout {common.get('layout')}; this model is {here} in layout {layout}. Its "
+            f"weights load here, its optimizer state does not (Adam state moves only between "
+            f"zero_stage 1 runs or zero_stage 2/3 runs of the same layout): set "
+            f"checkpoint.load_state=weights"
+        )
+    return legacy
 
 
 def _saved_output_head(config: dict) -> str:
@@ -355,12 +374,33 @@ def _unwrap(chunk):
 def _model_sharded_state(chunks) -> dict:
     """The model's sharded state, one entry per model chunk (virtual pipeline stage).
 
-    The optimizer's `sharded_state_dict` must receive this nested dict as is (megatron-core
-    walks it with `nested_values`, like Megatron-LM's `model0`, `model1`, ... entries). Chunks
-    reuse local module names (every chunk has a `decoder.layers.0`), so merging them into one
-    dict would keep only the last chunk's parameters and megatron-core would find no sharded
-    tensor for the others.
+    The optimizer's `sharded_state_dict` must receive a nested dict like this one as is
+    (megatron-core walks it with `nested_values`, like Megatron-LM's `model0`, `model1`, ...
+    entries). Chunks reuse local module names (every chunk has a `decoder.layers.0`), so merging
+    them into one dict would keep only the last chunk's parameters and megatron-core would find
+    no sharded tensor for the others.
+
+    At zero_stage 2/3 it is built from whole (TP-local) copies of the FSDP2 DTensor parameters
+    (`optim.whole_parameters`: an all-gather over data-parallel ranks, one whole copy of the
+    weights held while the checkpoint is written or read), so the weights are stored exactly as
+    at zero_stage 1 and load into any zero_stage and layout.
     """
+    state = {}
+    for index, chunk in enumerate(chunks):
+        with whole_parameters(_unwrap(chunk)):
+            state[f"chunk{index}"] = _unwrap(chunk).sharded_state_dict()
+    return state
+
+
+def _optimizer_model_state(chunks, model_state: dict | None) -> dict:
+    """The model sharded state the optimizer's state dict is laid out by.
+
+    megatron-core finds each optimizer parameter's sharded tensor by identity, so it must be
+    built over the live parameters: `model_state` itself at zero_stage 1, a second sharded
+    state over the DTensor shards at zero_stage 2/3 (their Adam state is stored as those).
+    """
+    if model_state is not None and not any(hasattr(c, "load_local_state_dict") for c in chunks):
+        return model_state
     return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 

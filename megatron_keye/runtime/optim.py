@@ -7,6 +7,7 @@ zeroed gradients and corrupt the weights).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
@@ -173,8 +174,63 @@ class ShardedDataParallel(TorchFullyShardedDataParallel):
                 local = target._local_tensor if isinstance(target, DTensor) else target
                 if isinstance(value, DTensor):
                     value = value._local_tensor
+                elif isinstance(target, DTensor) and tuple(value.shape) == tuple(target.shape):
+                    value = _local_rows(value, target)  # a whole (TP-local) tensor
                 if local.data_ptr() != value.data_ptr():
                     local.copy_(value.reshape(local.shape))
+
+
+def _local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's piece of `full` as `like` (a DTensor of full's shape) lays it out.
+
+    FSDP2 shards dim 0 in `torch.chunk` pieces (the last may be short or empty); the DTensor's
+    own local shape and global offset say which rows are this rank's.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        like.shape, like.device_mesh, like.placements
+    )
+    piece = full
+    for dim, (size, start) in enumerate(zip(shape, offset, strict=True)):
+        piece = piece.narrow(dim, start, size)
+    return piece
+
+
+@contextlib.contextmanager
+def whole_parameters(chunk):
+    """Within the block, `chunk`'s DTensor parameters are whole (TP-local) plain parameters.
+
+    For checkpoints of zero_stage 2/3: megatron-core's `sharded_state_dict` then sees exactly
+    what it sees at zero_stage 1 (whole tensor-parallel pieces, so its gated-MLP `linear_fc1`
+    gate/up split and its TP offsets are right), and the checkpoint is the same, fully
+    reshardable format as zero_stage 1's. Each DTensor is all-gathered over its data-parallel
+    mesh (collective: every rank of the chunk must enter), so one whole copy of the chunk's
+    parameters is held while the block runs. The DTensors are put back on exit; the whole
+    tensors stay valid (a checkpoint's sharded state dict keeps referring to them). For a chunk
+    without DTensor parameters this does nothing.
+    """
+    swapped, wholes = [], {}
+    with torch.no_grad():
+        for module in chunk.modules():
+            for name, param in list(module._parameters.items()):
+                if not isinstance(param, DTensor):
+                    continue
+                whole = wholes.get(id(param))  # a parameter shared by two modules: one copy
+                if whole is None:
+                    whole = torch.nn.Parameter(param.full_tensor(),
+                                               requires_grad=param.requires_grad)
+                    for attr, value in vars(param).items():  # megatron's TP attributes
+                        if not attr.startswith("_"):
+                            setattr(whole, attr, value)
+                    wholes[id(param)] = whole
+                module._parameters[name] = whole
+                swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 def optimizer_sharded_state_dict(megatron_optimizer, model_sharded_state: dict, **kwargs):

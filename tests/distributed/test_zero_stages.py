@@ -4,7 +4,8 @@ One spawned world per layout trains the same tiny model (identical weights: draw
 zero_stage 1, 2 and 3 on random batches and returns, per stage, the loss and every parameter's
 whole gradient of one global batch, the bytes of gradient and parameter storage each rank holds,
 the Adam state each rank holds and the losses of a few optimizer steps. The DP=2 world also
-stops a zero_stage 2 run with a checkpoint and resumes it.
+stops a zero_stage 2 run with a checkpoint, resumes it, and loads its weights at zero_stage 1
+with TP=2 and at zero_stage 3 (and that zero_stage 1 run's checkpoint at zero_stage 2).
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ def _batches():
 
 
 @pytest.fixture(scope="module")
-def dp2(tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("zero2_ckpt")
+def checkpoint_dirs(tmp_path_factory):
+    """The zero_stage 2 run's save dir and the zero_stage 1 (TP=2) re-save of its weights."""
+    return tmp_path_factory.mktemp("zero2_ckpt"), tmp_path_factory.mktemp("zero1_tp2_ckpt")
+
+
+@pytest.fixture(scope="module")
+def dp2(checkpoint_dirs):
+    save_dir, resave_dir = checkpoint_dirs
     return run_workers(
         zero_stages_worker, 2, layout={}, batches=_batches(), stages=(1, 2, 3), steps=STEPS,
-        save_dir=str(save_dir), save_stage=2, save_at=STOP_AT,
+        save_dir=str(save_dir), save_stage=2, save_at=STOP_AT, resave_dir=str(resave_dir),
     )
 
 
@@ -105,11 +112,38 @@ def test_zero2_checkpoint_resume_continues_the_same_run(dp2):
         assert len(run["resumed"]) == STEPS - STOP_AT
 
 
-def test_zero2_checkpoint_refuses_to_seed_a_zero1_run(dp2):
-    """FSDP2 shards do not fit megatron-core's gated linear_fc1 checkpoint split: refused."""
+def test_zero2_checkpoint_weights_load_at_every_stage_and_layout(dp2):
+    """The zero_stage 2 checkpoint written after step 2 (DP=2) seeds zero_stage 1 at TP=2 and
+    zero_stage 3; that zero_stage 1 run's own checkpoint seeds zero_stage 2. Each evaluates
+    batch 3 to the loss the saving run's step 3 computed from the same weights."""
     for per_rank in dp2:
-        error = per_rank["cross_stage_error"]
+        expected = per_rank[2]["losses"][STOP_AT]
+        loads = per_rank["cross_stage"]
+        for how in ("zero2_to_zero1_tp2", "zero2_to_zero3", "zero1_tp2_to_zero2"):
+            assert abs(loads[how] - expected) <= 1e-6 * abs(expected), (how, loads[how], expected)
+
+
+def test_zero2_optimizer_state_does_not_cross_zero_stages(dp2):
+    """Adam state moves only within zero_stage 1 or within 2/3 in one layout: refused by name."""
+    for per_rank in dp2:
+        error = per_rank["cross_stage"]["optimizer_cross_stage_error"]
         assert error is not None and error.startswith("parallel.zero_stage:"), error
+        assert "checkpoint.load_state=weights" in error
+
+
+def test_export_of_a_zero2_checkpoint_equals_the_zero1_export(dp2, checkpoint_dirs, tmp_path):
+    """`convert export` reads a zero_stage 2 checkpoint: the same tensors as exporting those
+    weights saved at zero_stage 1 (TP=2)."""
+    from safetensors.torch import load_file
+
+    from megatron_keye.convert import export_hf
+
+    save_dir, resave_dir = checkpoint_dirs
+    zero2 = load_file(export_hf(str(save_dir), str(tmp_path / "zero2")) / "model.safetensors")
+    zero1 = load_file(export_hf(str(resave_dir), str(tmp_path / "zero1")) / "model.safetensors")
+    assert set(zero2) == set(zero1) and len(zero2) > 10
+    for name, tensor in zero1.items():
+        assert torch.equal(zero2[name], tensor), name
 
 
 def test_zero2_zero3_match_zero1_at_dp2_tp2(dp2_tp2):

@@ -111,22 +111,59 @@ def stage_run(*, layout: dict, batches: list[dict], stage: int, steps: int,
     return result
 
 
+def eval_loss(trainer, step: int) -> float:
+    """The global loss of batch `step` under the trainer's current weights (no update)."""
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.loader.step = step
+    reports = trainer.forward_backward(trainer.loader.next_step(), force_all_reduce=True)
+    total, count = trainer.step_runner.global_reports(reports)["__loss__"]
+    return total / count
+
+
+def cross_stage_loads(*, batches: list[dict], save_dir: str, resave_dir: str, at: int) -> dict:
+    """A zero_stage 2 checkpoint (DP=2, `save_dir`) seeds other stages and layouts.
+
+    Returns the evaluation loss of batch `at` after loading its weights at zero_stage 1 with
+    TP=2 (whose weights it then saves into `resave_dir`), at zero_stage 3 with DP=2, and of that zero_stage
+    1 checkpoint loaded back at zero_stage 2; plus the error of a zero_stage 1 run asking for
+    the zero_stage 2 checkpoint's optimizer state too.
+    """
+    def seeded(source: str, layout: dict, stage: int, *extra: str, state: str = "weights"):
+        config = tiny_config(layout, extra=(f"parallel.zero_stage={stage}",
+                                            f"checkpoint.load={source}",
+                                            f"checkpoint.load_state={state}", *extra))
+        return build_trainer(config, batches, None)
+
+    out = {}
+    zero1_tp2 = seeded(save_dir, {"tensor": 2}, 1, f"checkpoint.save_dir={resave_dir}")
+    out["zero2_to_zero1_tp2"] = eval_loss(zero1_tp2, at)
+    # Weights only: megatron-core's distributed optimizer cannot write a state before its
+    # first step (distrib_optimizer.state_dict wants one Adam `step`).
+    zero1_tp2.checkpointer.save(chunks=zero1_tp2.model, optimizer=None,
+                                state=zero1_tp2.training_state())
+    out["zero2_to_zero3"] = eval_loss(seeded(save_dir, {}, 3), at)
+    out["zero1_tp2_to_zero2"] = eval_loss(seeded(resave_dir, {}, 2), at)
+    try:
+        seeded(save_dir, {}, 1, state="weights+optimizer")
+        out["optimizer_cross_stage_error"] = None
+    except ValueError as err:
+        out["optimizer_cross_stage_error"] = str(err)
+    return out
+
+
 def zero_stages_worker(*, layout: dict, batches: list[dict], stages: tuple[int, ...], steps: int,
-                       save_dir: str | None = None, save_stage: int = 2, save_at: int = 0):
+                       save_dir: str | None = None, save_stage: int = 2, save_at: int = 0,
+                       resave_dir: str | None = None):
     """Every stage's `stage_run` in this world (stage `save_stage` with the checkpoint round
-    trip when `save_dir` is given)."""
+    trip when `save_dir` is given, then `cross_stage_loads` of that checkpoint)."""
     results = {
         stage: stage_run(layout=layout, batches=batches, stage=stage, steps=steps,
                          save_dir=save_dir if stage == save_stage else None, save_at=save_at)
         for stage in stages
     }
-    if save_dir:  # the zero_stage 2 checkpoint seeding a zero_stage 1 run is refused
-        config = tiny_config(layout, extra=("parallel.zero_stage=1", f"checkpoint.load={save_dir}",
-                                            "checkpoint.load_state=weights"))
-        try:
-            build_trainer(config, batches, None)
-            results["cross_stage_error"] = None
-        except ValueError as err:
-            results["cross_stage_error"] = str(err)
+    if save_dir and resave_dir:
+        results["cross_stage"] = cross_stage_loads(batches=batches, save_dir=save_dir,
+                                                   resave_dir=resave_dir, at=save_at)
     dist.barrier()
     return results
