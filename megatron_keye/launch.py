@@ -96,7 +96,8 @@ def _stage_memory(config: TrainConfig, shape: ModelShape, layout: Layout, *, sta
                   num_microbatches: int) -> tuple[MemoryBreakdown, float]:
     """One pipeline stage's memory with frozen parameters and the vision tower accounted."""
     mem = predict_memory(shape, layout, seq=config.data.seq_length, precision=config.precision,
-                         num_microbatches=num_microbatches, stage=stage)
+                         num_microbatches=num_microbatches, stage=stage,
+                         zero_stage=config.parallel.zero_stage)
     patterns = config.stage.freeze
     act = 2 if config.precision == "bf16" else 4
     shards = layout.dp * layout.cp if config.parallel.distributed_optimizer else 1
