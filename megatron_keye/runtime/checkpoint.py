@@ -9,8 +9,10 @@ A checkpoint is written into `.tmp_iter_…`, renamed when every rank has finish
 does `latest` move, so a crash at any moment leaves the previous checkpoint loadable. It holds the
 model, the optimizer (in megatron-core's `fully_reshardable` format by default), the LR scheduler, per-rank RNG
 states, the data loader's position, the iteration and the resolved config. Model weights load into
-any TP/PP/DP layout; so does the optimizer state in the `fully_reshardable` format; RNG states are restored
-only when the layout is unchanged (a new layout draws fresh streams, which is logged).
+any TP/PP/DP layout and any `parallel.zero_stage` (stages 2/3 write and read them as whole
+tensor-parallel pieces, like stage 1); so does the optimizer state in the `fully_reshardable`
+format within zero_stage 1 (at 2/3 it loads only at 2/3 in the same layout); RNG states are
+restored only when the layout is unchanged (a new layout draws fresh streams, which is logged).
 """
 
 from __future__ import annotations
