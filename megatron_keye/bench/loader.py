@@ -185,6 +185,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="where the corpora go (default: temp)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WORLD_SIZE", "1")
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         start = time.perf_counter()
         corpora = write_corpora(Path(tmp), texts=400, images=96, videos=12)
