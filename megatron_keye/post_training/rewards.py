@@ -5,6 +5,10 @@ Verifiers score one response against one sample's reference and return a value i
   period, surrounding `$`), e.g. "Blue." == "blue".
 - `numeric`: the final answer parses as a number (commas, `%`, fractions a/b) within an absolute
   or relative tolerance of the reference.
+- `numeric_close`: partial credit for a numeric answer, so a weak policy sees a graded signal:
+  the last number written in the final answer earns 1 - |got - reference| / range (at least 0;
+  `range` per sample as `close_range`, default 10), halved when the final answer holds more than
+  that number ("7 apples" earns half of "7"); 0 without a number.
 - `choice`: the final answer names the same option letter (A-Z) as the reference: "(B)", "B.",
   "answer: b" all read as B.
 - `format`: the response follows the mode it was asked for (spec §4): `think` = one
@@ -109,6 +113,29 @@ def numeric_reward(response: str, reference: str, *, abs_tol: float = 1e-6,
     return float(math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol))
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def numeric_close_reward(response: str, reference: str, *, close_range: float = 10.0) -> float:
+    """Partial credit for a numeric answer (module docstring); 0 when the reference is not a
+    number or the final answer holds none."""
+    if close_range <= 0:
+        raise ValueError(f"numeric_close reward: close_range must be > 0, got {close_range}")
+    want = parse_number(reference)
+    answer = final_answer(response)
+    alone = parse_number(answer)
+    if want is None:
+        return 0.0
+    if alone is not None:
+        got, share = alone, 1.0
+    else:
+        numbers = NUMBER.findall(answer.replace(",", ""))
+        if not numbers:
+            return 0.0
+        got, share = float(numbers[-1]), 0.5
+    return share * max(0.0, 1.0 - abs(got - want) / close_range)
+
+
 def _choice_letter(text: str) -> str | None:
     match = CHOICE.match(text.strip())
     return match.group(1).upper() if match else None
@@ -157,6 +184,8 @@ VERIFIERS: dict[str, Callable[[str, Mapping], float]] = {
     "exact": lambda r, s: exact_reward(r, s["answer"]),
     "numeric": lambda r, s: numeric_reward(r, s["answer"], abs_tol=s.get("abs_tol", 1e-6),
                                            rel_tol=s.get("rel_tol", 1e-4)),
+    "numeric_close": lambda r, s: numeric_close_reward(r, s["answer"],
+                                                       close_range=s.get("close_range", 10.0)),
     "choice": lambda r, s: choice_reward(r, s["answer"]),
     "format": lambda r, s: format_reward(r, s.get("mode", "auto")),
     "json": lambda r, s: json_reward(r, s.get("answer")),

@@ -15,6 +15,7 @@ from megatron_keye.post_training.rewards import (
     format_reward,
     group_advantages,
     json_reward,
+    numeric_close_reward,
     numeric_reward,
 )
 
@@ -56,6 +57,34 @@ def test_exact_rejects(response, answer):
 ])
 def test_numeric(response, answer, expected):
     assert numeric_reward(response, answer) == expected
+
+
+@pytest.mark.parametrize("response,answer,expected", [
+    ("7", "7", 1.0),
+    ("Answer: 7.", "7", 1.0),
+    ("5", "7", 0.8),  # alone, 2 away of a range of 10
+    ("-3", "7", 0.0),  # 10 away: nothing left
+    ("42", "7", 0.0),  # never negative
+    ("it is 7 bands", "7", 0.5),  # right, with other words: half
+    ("3 or 6 bands", "7", 0.45),  # the last number counts
+    ("1,234 apples", "1234", 0.5),
+    ("\\boxed{3/4}", "0.75", 1.0),
+    ("seven", "7", 0.0),  # no digits
+    ("", "7", 0.0),
+    ("<think>7</think>", "7", 0.0),  # nothing after the thinking
+    ("7\nthe end", "7", 0.0),  # the last line is the answer
+    ("7", "blue", 0.0),  # a non-numeric reference gives no credit
+])
+def test_numeric_close(response, answer, expected):
+    assert numeric_close_reward(response, answer) == pytest.approx(expected)
+
+
+def test_numeric_close_range_comes_with_the_sample():
+    spec = RewardSpec(weights={"numeric_close": 1.0})
+    assert combine("4", {"answer": "2", "close_range": 4}, spec)[0] == pytest.approx(0.5)
+    assert combine("4", {"answer": "2"}, spec)[0] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="close_range"):
+        numeric_close_reward("4", "2", close_range=0)
 
 
 @pytest.mark.parametrize("response,answer,expected", [
