@@ -339,10 +339,13 @@ class RLConfig:
     top_p: float = 1.0  # nucleus sampling mass
     seed: int = 0  # rollout seed: generation call k of rollout batch n samples from (seed, n, k)
     chat: bool = True  # render prompts with the chat template (assistant generation prompt)
-    # Reward terms (post_training/rewards.py VERIFIERS: exact, numeric, choice, format, json) and
-    # their weights; the reward is the weighted sum.
+    # Reward terms (post_training/rewards.py VERIFIERS: exact, numeric, choice, format, json;
+    # 'model' = the score of rl.reward_model) and their weights; the reward is the weighted sum.
     reward_terms: list[str] = field(default_factory=lambda: ["exact"])
     reward_weights: list[float] = field(default_factory=lambda: [1.0])  # one per reward term
+    # Native checkpoint of a reward model (model.output_head: value, same tokenizer) scoring
+    # prompt + response for the 'model' reward term; served next to the policy on its layout.
+    reward_model: str | None = None
     success_reward: float = 1.0  # a rollout whose reward reaches this counts as solved
     hints: bool = True  # retry prompts whose G rollouts all fail with hints L1..L5 (progressive)
     # Drop prompts whose trained group passed 0% or 100% of the time from the next epochs.

@@ -13,8 +13,11 @@ and `megatron-keye pipeline` run it as any other stage, e.g. after MPO); its dat
    share of the prompts; every rank then holds every row (all-gathered over data ranks). Each
    generation call k of rollout batch n samples with seed (rl.seed, n, k), so a rollout batch
    depends only on the weights, the prompt position and the seed — not on the layout.
-3. Rewards: the weighted verifier terms of `rl.reward_terms`/`rl.reward_weights`
-   (`rewards.combine`); a rollout whose reward reaches `rl.success_reward` is a success.
+3. Rewards: the weighted terms of `rl.reward_terms`/`rl.reward_weights` (`rewards.combine`):
+   verifiers, and `model`, the score of the reward model `rl.reward_model`, held frozen next to
+   the policy on the same layout and run after every generation call on each rollout's prompt
+   (as rendered, hint included) and response (`reward_model.RewardModelScorer`; every rank gets
+   the same scores); a rollout whose reward reaches `rl.success_reward` is a success.
 4. Progressive hints: the prompts whose G rollouts all failed are generated again with hint L1,
    those still failing with L2, … (batched per level, `hints.hinted_query`); each prompt is
    trained on the lowest level that succeeded (else the last one tried), and the per-level table
@@ -87,10 +90,16 @@ def check_rl_config(config: TrainConfig) -> None:
     if len(rl.reward_terms) != len(rl.reward_weights) or not rl.reward_terms:
         raise ConfigError("rl.reward_weights", f"one weight per rl.reward_terms entry "
                           f"({rl.reward_terms} vs {rl.reward_weights})")
-    unknown = sorted(set(rl.reward_terms) - set(VERIFIERS))
+    unknown = sorted(set(rl.reward_terms) - set(VERIFIERS) - {"model"})
     if unknown:
         raise ConfigError("rl.reward_terms", f"unknown {unknown}; known: {sorted(VERIFIERS)} "
-                          f"(a reward-model term is not served inside the loop yet)")
+                          f"and 'model' (the score of rl.reward_model)")
+    if "model" in rl.reward_terms and not rl.reward_model:
+        raise ConfigError("rl.reward_model", "the 'model' reward term needs a reward model: set "
+                          "rl.reward_model to a value-head checkpoint (model.output_head: value)")
+    if rl.reward_model and "model" not in rl.reward_terms:
+        raise ConfigError("rl.reward_terms", f"rl.reward_model={rl.reward_model} is set but no "
+                          f"'model' term uses it; add 'model' (and its weight) or unset it")
     if rl.prompts_per_rollout * rl.group_size < rl.minibatches:
         raise ConfigError("rl.minibatches", f"{rl.minibatches} minibatches from "
                           f"{rl.prompts_per_rollout * rl.group_size} rollouts per batch")
@@ -184,6 +193,7 @@ class RolloutSource:
             {"data": {"image_max_tokens": config.data.image_max_tokens,
                       "video_max_tokens": config.data.video_max_tokens}})
         self._prompts: dict[tuple[int, int], Prompt] = {}
+        self.reward_model = self._reward_model() if "model" in self.spec.weights else None
         # checkpointed state
         self.rollouts_done = 0
         self.epoch = 0
@@ -197,6 +207,25 @@ class RolloutSource:
         self.last_rollouts: list[Rollout] = []
         self.timings: dict[str, float] = {}
         self.cut_responses = 0  # responses cut before a sampled image/video pad token
+
+    def _reward_model(self):
+        """The frozen reward model on the trainer's layout; refuses prompts with media when it
+        has no vision tower (naming the field and the first such prompt)."""
+        from megatron_keye.config import config_to_dict
+        from megatron_keye.post_training.reward_model import RewardModelScorer
+
+        scorer = RewardModelScorer.from_checkpoint(
+            self.rl.reward_model, field="rl.reward_model",
+            policy_model=config_to_dict(self.config)["model"], tokenizer=self.tokenizer,
+            device=self.trainer.device, layout=self.trainer.layout(),
+            micro_batch_size=self.config.schedule.micro_batch_size,
+            precision=self.config.precision,
+            row_length=-(-(self.config.data.seq_length + 1) // 8) * 8)
+        with_media = next((r for r in self.records if r.images or r.videos), None)
+        if with_media is not None and not scorer.reads_media:
+            raise ConfigError("rl.reward_model", f"{self.rl.reward_model} has no vision tower "
+                              f"but rl.prompts line {with_media.index + 1} has images/videos")
+        return scorer
 
     # ----------------------------------------------------------------------- prompt stream
     def _new_epoch_order(self) -> list[int]:
@@ -278,11 +307,13 @@ class RolloutSource:
                 return tokens[:i], logprobs[:i]
         return tokens, logprobs
 
-    def _score(self, record: PromptRecord, prompt: Prompt, level: int, rows) -> list[Rollout]:
+    def _score(self, record: PromptRecord, prompt: Prompt, level: int, rows,
+               model_scores: list[float] | None) -> list[Rollout]:
         out = []
-        for tokens, logprobs in rows:
+        for k, (tokens, logprobs) in enumerate(rows):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            reward, terms = combine(text, record.sample, self.spec)
+            reward, terms = combine(text, record.sample, self.spec,
+                                    model_score=None if model_scores is None else model_scores[k])
             out.append(Rollout(prompt=prompt, response=tokens, logprobs=logprobs,
                                prompt_index=record.index, level=level, source=record.source,
                                text=text, reward=reward, terms=terms))
@@ -305,10 +336,16 @@ class RolloutSource:
             rollout_s += time.perf_counter() - start
             generated += sum(len(t) for t, _ in rows)
             start = time.perf_counter()
+            model_scores = None
+            if self.reward_model is not None:  # the prompts as rendered, hints included
+                model_scores = self.reward_model.score(
+                    [(prompts[n // g], tokens) for n, (tokens, _) in enumerate(rows)])
             still = []
             for k, i in enumerate(active):
                 record = self.records[indices[i]]
-                scored = self._score(record, prompts[k], level, rows[k * g : (k + 1) * g])
+                share = slice(k * g, (k + 1) * g)
+                scored = self._score(record, prompts[k], level, rows[share],
+                                     None if model_scores is None else model_scores[share])
                 solved = any(r.reward >= rl.success_reward for r in scored)
                 self.hint_table.tried[level] += 1
                 self.hint_table.solved[level] += int(solved)
