@@ -31,7 +31,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     _validate_schedule(config, world_size)
     _validate_shard_data(config, world_size)
     if config.stage.loss_head == "gspo":
-        from megatron_keye.post_training.rl import check_rl_config
+        from megatron_keye.post_training.rl_config import check_rl_config
 
         check_rl_config(config)
 

@@ -13,7 +13,7 @@ from megatron_keye.config.loading import ConfigError
 from megatron_keye.data.text.tokenizer import DEFAULT_TOKENIZER_DIR, KeyeTokenizer
 from megatron_keye.post_training.reward_model import closed_response, reward_model_config
 from megatron_keye.post_training.rft import RFTOptions
-from megatron_keye.post_training.rl import check_rl_config
+from megatron_keye.post_training.rl_config import check_rl_config
 
 POLICY = ("stage.loss_head=gspo", "rl.prompts=prompts.jsonl", "schedule.train_iters=4",
           "rl.minibatches=2")
