@@ -5,9 +5,9 @@ image and text prompts with hints, the vowel task as reward), the same run stopp
 (mid rollout batch) and resumed, a 12-step run on the easy vowel task (text model), RFT from
 a saved checkpoint, and one rollout batch whose reward includes a reward model's score. Four
 ranks: the 6-step run at TP=2×PP=2 and at TP=2×DP=2 (ZeRO-1), and the reward-model batch at
-TP=2×PP=2. Per-step the first minibatch of a rollout batch runs on the weights that sampled it,
-so the GSPO ratio must be exactly 1 there: the sampler's kept log-probs equal a fresh training
-forward of the packed rollout rows.
+TP=2×PP=2 and TP=2×DP=2. Per-step the first minibatch of a rollout batch runs on the weights
+that sampled it, so the GSPO ratio must be exactly 1 there: the sampler's kept log-probs equal a
+fresh training forward of the packed rollout rows.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def test_rft_keeps_exactly_the_accepted_distinct_samples(single):
 
 
 def test_tp2_pp2_and_tp2_dp2_rollouts_and_losses_equal_tp1(single, layouts):
-    results = [{k: v for k, v in per_rank.items() if k != "rm_tp2pp2"} for per_rank in layouts]
+    results = [{k: v for k, v in per_rank.items() if not k.startswith("rm_")}
+               for per_rank in layouts]
     reference = single["full"]
     # Rollout batches 1 and 2 (before any update and after two) must match exactly, and so must
     # the four steps trained on them. Batch 3 is not compared: after four Adam steps at lr 0.01
@@ -163,16 +164,16 @@ def test_reward_model_term_equals_a_plain_forward_of_the_reward_model(single):
     assert run["metric"] == pytest.approx(sum(models) / len(models), rel=1e-6)
 
 
-def test_reward_model_term_at_tp2_pp2_equals_tp1(single, layouts):
+@pytest.mark.parametrize("name", ["rm_tp2pp2", "rm_tp2dp2"])
+def test_reward_model_term_at_tp2_equals_tp1(single, layouts, name):
     reference = single["rm"]["rollouts"]
     for rank, per_rank in enumerate(layouts):
-        ours = per_rank["rm_tp2pp2"]["rollouts"]
+        ours = per_rank[name]["rollouts"]
         assert [r[:3] for r in ours] == [r[:3] for r in reference], rank
         for mine, theirs in zip(ours, reference, strict=True):
             assert _close(mine[3], theirs[3]) and _close(mine[4], theirs[4]), (rank, mine, theirs)
     # every rank holds the very same scores
-    assert all(per_rank["rm_tp2pp2"]["rollouts"] == layouts[0]["rm_tp2pp2"]["rollouts"]
-               for per_rank in layouts)
+    assert all(per_rank[name]["rollouts"] == layouts[0][name]["rollouts"] for per_rank in layouts)
 
 
 def test_rft_replaces_a_reference_exactly_where_the_reward_model_prefers_the_sample(single):

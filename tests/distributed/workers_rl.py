@@ -130,7 +130,7 @@ def single_rank_worker(*, root: str) -> dict:
 def layouts_worker(*, root: str, reward_model: str) -> dict:
     """Four ranks: the single-rank world's uninterrupted run at TP=2×PP=2, and at TP=2×DP=2
     with ZeRO-1 (data ranks split the prompts and gather the rollouts); the reward-model run's
-    first rollout batch at TP=2×PP=2."""
+    first rollout batch at TP=2×PP=2 and at TP=2×DP=2 (data ranks split the scoring rows)."""
     register_test_verifiers()
     prompts = write_prompts(root + "/prompts", colour=2, arithmetic=2)
     return {"tp2pp2": run_loop(prompts=prompts, layout={"tensor": 2, "pipeline": 2}, steps=6,
@@ -138,7 +138,9 @@ def layouts_worker(*, root: str, reward_model: str) -> dict:
             "tp2dp2": run_loop(prompts=prompts, layout={"tensor": 2}, steps=6,
                                extra=(*VOWEL_TASK, "parallel.distributed_optimizer=true")),
             "rm_tp2pp2": reward_model_rollouts(prompts=prompts, reward_model=reward_model,
-                                               layout={"tensor": 2, "pipeline": 2})}
+                                               layout={"tensor": 2, "pipeline": 2}),
+            "rm_tp2dp2": reward_model_rollouts(prompts=prompts, reward_model=reward_model,
+                                               layout={"tensor": 2})}
 
 
 # ------------------------------------------------------------------------- reward model
