@@ -48,7 +48,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_keye.ops.attention.kv_cache import KVCache, attached
+from megatron_keye.post_training import lean_decode
 from megatron_keye.post_training.sampling import SamplingParams, choose_tokens, row_generator
+from megatron_keye.runtime.cpu_compat import device_arguments_as_given
 
 
 @dataclass(kw_only=True)
@@ -166,12 +168,15 @@ def generate(
     *,
     pad_id: int,
     first_row: int = 0,
+    lean: bool = True,
 ) -> GenerationResult:
     """Generate for `prompts` on this rank's model chunks; every rank returns the result.
 
     Collective over the model-parallel (TP×PP) group: its ranks must pass the same prompts
     and options. `first_row` is the global index of this batch's first row (data-parallel
     shares), which seeds each row's sampling stream. Uses our core attention's KV cache.
+    Decode steps take `lean_decode`'s path where the layers allow it (bit-identical to the
+    modules; `lean=False` runs the modules for every step, the reference it is tested against).
     """
     modules = [chunk.module if hasattr(chunk, "module") else chunk for chunk in chunks]
     module = modules[0]
@@ -197,7 +202,7 @@ def generate(
     key_valid = torch.ones((rows, prompt_length + steps), dtype=torch.bool)
     key_valid[:, :prompt_length] = batch.valid
     cache = KVCache(key_valid=key_valid.to(device))
-    stage = _Stage(modules, device=device, batch_size=rows)
+    stage = _Stage(modules, device=device, batch_size=rows, lean=lean)
 
     out_tokens = torch.full((rows, steps), pad_id, dtype=torch.int64)
     out_logprobs = torch.zeros((rows, steps), dtype=torch.float32)
@@ -207,7 +212,9 @@ def generate(
     for m in modules:
         m.eval()
     try:
-        with attached(modules, cache):
+        # inference mode: no version counters or autograd bookkeeping in the per-token loop;
+        # the results are written into the normal tensors allocated above
+        with torch.inference_mode(), device_arguments_as_given(), attached(modules, cache):
             input_ids, position_ids = batch.tokens, batch.position_ids
             vision = (batch.pixel_values, batch.vision_grids)
             for step in range(steps):
@@ -250,8 +257,11 @@ class _Stage:
     send on (or keep the logits). With virtual pipelining, chunk v of pipeline rank r is global
     stage v * PP + r, so the chain of sends wraps from the last pipeline rank to the first."""
 
-    def __init__(self, modules: list, *, device: torch.device, batch_size: int):
+    def __init__(self, modules: list, *, device: torch.device, batch_size: int, lean: bool):
         self.modules = modules
+        # one-token steps skip the module wrappers where every chunk's layers allow it
+        lean = lean and all(lean_decode.unsupported(m) is None for m in modules)
+        self.lean = [lean_decode.LeanDecoder(m) for m in modules] if lean else None
         self.device = device
         self.batch_size = batch_size
         self.hidden_size = modules[0].config.hidden_size
@@ -265,22 +275,31 @@ class _Stage:
         input_ids = input_ids.to(self.device)
         position_ids = position_ids.to(self.device)
         logits = None
-        for module in self.modules:
-            if module.pre_process:
+        lean = self.lean is not None and n == 1 and vision[0] is None
+        for index, module in enumerate(self.modules):
+            if lean:
+                hidden = (module.embedding(input_ids=input_ids, position_ids=None)
+                          if module.pre_process else self._receive(n))
+                out = self.lean[index](hidden, position_ids)
+            elif module.pre_process:
                 out = self._first(module, input_ids, position_ids, vision)
             else:
-                hidden = torch.empty((n, self.batch_size, self.hidden_size), dtype=self.dtype,
-                                     device=self.device)
-                dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-                module.set_input_tensor(hidden)
+                module.set_input_tensor(self._receive(n))
                 out = module(None, position_ids)
             if module.post_process:
-                logits = out[-1]
+                logits = out if lean else out[-1]
             else:
                 dist.send(out.to(self.dtype).contiguous(),
                           dst=parallel_state.get_pipeline_model_parallel_next_rank())
         cache.advance(n)  # every layer of this rank has written its n slots
         return logits
+
+    def _receive(self, n: int) -> torch.Tensor:
+        """The previous pipeline stage's hidden states [n, b, h]."""
+        hidden = torch.empty((n, self.batch_size, self.hidden_size), dtype=self.dtype,
+                             device=self.device)
+        dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        return hidden
 
     def _first(self, module, input_ids, position_ids, vision) -> torch.Tensor:
         """The first stage: token embeddings, with the prompt's images/videos in prefill."""

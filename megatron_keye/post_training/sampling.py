@@ -93,13 +93,18 @@ def _sample_top_p(scaled: torch.Tensor, *, top_p: float,
     if len(generators) != scaled.size(0):
         raise ValueError(f"sampling: {scaled.size(0)} rows but {len(generators)} generators")
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float64)
+    draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    if top_p >= 1.0:  # the whole distribution: invert its cumulative sum in vocabulary order
+        cumulative = probs.cumsum(dim=-1)
+        target = draws.to(scaled.device) * cumulative[:, -1]
+        index = torch.searchsorted(cumulative, target.unsqueeze(-1), right=True).squeeze(-1)
+        return torch.minimum(index, torch.full_like(index, probs.size(-1) - 1))
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the better tokens
     keep = before < top_p
     keep[:, 0] = True  # the most likely token is always in the nucleus
     kept = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
     cumulative = kept.cumsum(dim=-1)
-    draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
     target = draws.to(scaled.device) * cumulative[:, -1]
     index = torch.searchsorted(cumulative, target.unsqueeze(-1), right=True).squeeze(-1)
     index = torch.minimum(index, keep.sum(dim=-1) - 1)  # never past the nucleus

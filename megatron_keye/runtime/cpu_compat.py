@@ -11,9 +11,11 @@ the package mentions CPU workarounds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -23,6 +25,7 @@ from megatron_keye.mcore_version import require_supported_mcore
 _APPLIED = False
 _LOCK = threading.Lock()
 CPU = torch.device("cpu")
+_DEVICE_MODE: TorchFunctionMode | None = None  # the entered `_CudaArgumentsToCpu`, if any
 
 
 def needed() -> bool:
@@ -140,8 +143,29 @@ def _cuda_device_arguments_to_cpu() -> None:
     thread that called `apply()`: every covered site runs on the training thread (the
     dist_checkpointing writers that run elsewhere only write bytes).
     """
-    _CudaArgumentsToCpu().__enter__()
+    global _DEVICE_MODE
+    _DEVICE_MODE = _CudaArgumentsToCpu()
+    _DEVICE_MODE.__enter__()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+@contextlib.contextmanager
+def device_arguments_as_given() -> Iterator[None]:
+    """Run a block without the CUDA-argument rewriting mode (where it is the innermost mode).
+
+    The mode costs a Python call on every torch op. Generation's per-token loop is thousands of
+    small ops and reaches none of the covered sites (it builds no optimizer, schedule or
+    checkpoint), so it pauses the mode; without the shims this does nothing.
+    """
+    mode = _DEVICE_MODE
+    if mode is None or torch.overrides._get_current_function_mode() is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 def _cuda_type_names_for_optimizer_dispatch() -> None:

@@ -51,6 +51,13 @@ def test_cached_sampling_equals_recompute(single):
     assert len(single["sampled"]["tokens"]) == 6  # 3 prompts x 2 samples
 
 
+def test_lean_decode_is_bit_identical_to_the_modules(single):
+    assert single["lean_unsupported"] is None  # the tiny model takes the lean step
+    for name in ("greedy", "sampled", "vision_sampled"):
+        lean, modules = single[name], single[f"{name}_modules"]
+        assert lean["tokens"] == modules["tokens"] and lean["logprobs"] == modules["logprobs"]
+
+
 def test_sampling_is_reproducible_and_seeded(single):
     assert single["sampled_again"]["tokens"] == single["sampled"]["tokens"]
     assert single["sampled_again"]["logprobs"] == single["sampled"]["logprobs"]
@@ -106,6 +113,8 @@ def test_layouts_equal_tp1(single):
         dict(name="tp2pp2", tensor=2, pipeline=2, vision=False),
         dict(name="tp2pp2_sampled", tensor=2, pipeline=2, vision=False, sampling=SAMPLED,
              samples=2),
+        dict(name="tp2pp2_sampled_modules", tensor=2, pipeline=2, vision=False,
+             sampling=SAMPLED, samples=2, modules=True),
         dict(name="tp1pp2dp2_sampled", tensor=1, pipeline=2, vision=False, sampling=SAMPLED,
              samples=2),
         dict(name="tp2pp2_vision", tensor=2, pipeline=2, vision=True),
@@ -117,6 +126,8 @@ def test_layouts_equal_tp1(single):
     for rank, result in enumerate(results):  # every rank returns every row
         _same_rows(result["tp2pp2"], single["vl_text"])
         _same_rows(result["tp2pp2_sampled"], single["vl_text_sampled"])
+        lean, modules = result["tp2pp2_sampled"], result["tp2pp2_sampled_modules"]
+        assert lean["tokens"] == modules["tokens"] and lean["logprobs"] == modules["logprobs"]
         _same_rows(result["tp1pp2dp2_sampled"], single["vl_text_sampled"])
         _same_rows(result["tp2pp2_vision"], single["vision"])
         _same_rows(result["tp2dp2_vision_sampled"], single["vision_sampled"])

@@ -158,6 +158,13 @@ def single_rank_worker(*, checkpoint_dir: str, hf_dir: str) -> dict:
     out["greedy_ref"] = recompute_reference(chunks[0], prompts, steps=STEPS, vocab_size=vocab)
     out["sampled"] = _rows(generate(chunks, prompts, sampled_options, pad_id=0))
     out["sampled_again"] = _rows(generate(chunks, prompts, sampled_options, pad_id=0))
+    # the lean decode step against the modules for every step (must be bit-identical)
+    from megatron_keye.post_training import lean_decode
+
+    out["lean_unsupported"] = lean_decode.unsupported(chunks[0])
+    out["greedy_modules"] = _rows(generate(chunks, prompts, greedy_options, pad_id=0, lean=False))
+    out["sampled_modules"] = _rows(generate(chunks, prompts, sampled_options, pad_id=0,
+                                            lean=False))
     out["sampled_ref"] = recompute_reference(chunks[0], prompts, steps=STEPS, samples=2,
                                              vocab_size=vocab, **SAMPLED)
     other = GenerationOptions(max_new_tokens=STEPS, samples_per_prompt=2,
@@ -179,6 +186,8 @@ def single_rank_worker(*, checkpoint_dir: str, hf_dir: str) -> dict:
     out["vision_ref"] = recompute_reference(vchunks[0], vprompts, steps=STEPS, vocab_size=vocab)
     voptions = GenerationOptions(max_new_tokens=STEPS, **SAMPLED)
     out["vision_sampled"] = _rows(generate(vchunks, vprompts, voptions, pad_id=0))
+    out["vision_sampled_modules"] = _rows(generate(vchunks, vprompts, voptions, pad_id=0,
+                                                   lean=False))
     out["vision_sampled_ref"] = recompute_reference(vchunks[0], vprompts, steps=STEPS,
                                                     vocab_size=vocab, **SAMPLED)
     # Text prompts on the vision model: the TP=1 baseline of the layouts world.
@@ -227,17 +236,24 @@ def single_rank_worker(*, checkpoint_dir: str, hf_dir: str) -> dict:
 
 def layouts_worker(*, cases: list[dict], checkpoint_dir: str) -> dict:
     """The CLI's rank function at several layouts of one world (each rank returns all rows)."""
+    from megatron_keye.post_training import lean_decode
     from megatron_keye.post_training.generate_cli import generate_rank
     from megatron_keye.post_training.generation import GenerationOptions
 
     out = {}
+    supported = lean_decode.unsupported
     for case in cases:
         prompts = vision_prompts() if case["vision"] else text_prompts()
         options = GenerationOptions(max_new_tokens=STEPS, **case.get("sampling", {}),
                                     samples_per_prompt=case.get("samples", 1))
-        result = generate_rank(checkpoint=checkpoint_dir,
-                               prompts=prompts, options=options, tensor=case["tensor"],
-                               pipeline=case["pipeline"], pad_id=0,
-                               virtual_pipeline=case.get("virtual_pipeline", 1))
+        if case.get("modules"):  # every decode step through the modules
+            lean_decode.unsupported = lambda module: "test: modules only"
+        try:
+            result = generate_rank(checkpoint=checkpoint_dir,
+                                   prompts=prompts, options=options, tensor=case["tensor"],
+                                   pipeline=case["pipeline"], pad_id=0,
+                                   virtual_pipeline=case.get("virtual_pipeline", 1))
+        finally:
+            lean_decode.unsupported = supported
         out[case["name"]] = _rows(result)
     return out

@@ -245,6 +245,11 @@ class Qwen3LanguageModel(LanguageModule):
             return hidden
         if self.output_head == "value":
             return self.value_head(hidden)
+        return self.logits_from_hidden(hidden)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last stage's final hidden states [s, b, h] -> vocab-parallel logits [s, b, V/tp]
+        with the padded columns masked (what `forward` returns there)."""
         weight = (
             self.shared_embedding_or_output_weight()
             if self.share_embeddings_and_output_weights

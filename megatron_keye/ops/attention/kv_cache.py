@@ -42,6 +42,10 @@ class KVCache:
         self.batch, self.capacity = key_valid.shape
         self.length = 0  # slots filled by completed forward passes
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The additive mask of the current pass, built by its first layer and reused by the
+        # others (key: slots, device, dtype).
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
 
     def advance(self, count: int) -> None:
         """Mark `count` more slots as filled (after every layer of the stage has written them)."""
@@ -69,20 +73,29 @@ class KVCache:
         keys, values = self._layers[layer_number]
         keys[:, :, start:stop] = k
         values[:, :, start:stop] = v
-        allowed = self._allowed(start, stop, device=q.device)
         return F.scaled_dot_product_attention(
-            q, keys[:, :, :stop], values[:, :, :stop], attn_mask=allowed, scale=scale,
-            enable_gqa=groups != q.size(1),
+            q, keys[:, :, :stop], values[:, :, :stop],
+            attn_mask=self._additive_mask(start, stop, device=q.device, dtype=q.dtype),
+            scale=scale, enable_gqa=groups != q.size(1),
         )
 
-    def _allowed(self, start: int, stop: int, *, device) -> torch.Tensor:
-        """[b, 1, n, stop] bool: causal by slot, padding keys hidden (except from themselves)."""
-        query_slots = torch.arange(start, stop, device=device).view(-1, 1)
-        key_slots = torch.arange(stop, device=device).view(1, -1)
-        causal = key_slots <= query_slots  # [n, stop]
-        own = key_slots == query_slots
-        valid = self.key_valid[:, :stop].to(device).view(self.batch, 1, 1, stop)
-        return causal & (valid | own)
+    def _additive_mask(self, start: int, stop: int, *, device, dtype) -> torch.Tensor:
+        """[b, 1, n, stop]: 0 where a query may attend, -inf elsewhere (built once per pass).
+
+        A query sees the slots up to its own (causal), except padding slots; a padding query
+        sees itself, so no row of the softmax is empty."""
+        key = (start, stop, device, dtype)
+        if self._mask_key != key:
+            query_slots = torch.arange(start, stop, device=device).view(-1, 1)
+            key_slots = torch.arange(stop, device=device).view(1, -1)
+            causal = key_slots <= query_slots  # [n, stop]
+            own = key_slots == query_slots
+            valid = self.key_valid[:, :stop].to(device).view(self.batch, 1, 1, stop)
+            allowed = causal & (valid | own)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            self._mask = mask.masked_fill_(~allowed, float("-inf"))
+            self._mask_key = key
+        return self._mask
 
 
 def decoder_core_attentions(chunk) -> list:

@@ -28,20 +28,24 @@ class RotaryTables:
         return cls(cos=torch.cos(half).contiguous(), sin=torch.sin(half).contiguous())
 
 
+def _rotated_bhsd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    s, b, h, d = x.shape
+    half = d // 2
+    out = x.new_empty(b, h, s, d)
+    view = out.permute(2, 0, 1, 3)
+    x1, x2 = x[..., :half], x[..., half:]
+    o1, o2 = view[..., :half], view[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
 class _RotateToBHSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
-        s, b, h, d = x.shape
-        half = d // 2
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        out = x.new_empty(b, h, s, d)
-        view = out.permute(2, 0, 1, 3)
-        x1, x2 = x[..., :half], x[..., half:]
-        o1, o2 = view[..., :half], view[..., half:]
-        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
-        torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
         ctx.save_for_backward(cos, sin)
-        return out
+        return _rotated_bhsd(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
@@ -58,6 +62,8 @@ class _RotateToBHSD(torch.autograd.Function):
 
 def rotate_to_bhsd(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
     """Rotated copy of x [s, b, h, d] laid out as [b, h, s, d]."""
+    if not torch.is_grad_enabled():  # generation: the same arithmetic, no autograd node
+        return _rotated_bhsd(x, tables.cos.to(x.dtype), tables.sin.to(x.dtype))
     return _RotateToBHSD.apply(x, tables.cos, tables.sin)
 
 
