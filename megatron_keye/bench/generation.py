@@ -3,7 +3,8 @@
 Both sides run in this process on the same random weights (ours drawn by name, copied into a
 Qwen3ForCausalLM through the HF name map), the same prompts (equal lengths, so neither pads),
 fp32, the same thread count, and generate the same number of tokens with their KV caches (EOS
-off). Timed runs alternate between the implementations; the table shows medians, generated
+off); the peer runs with our CPU shim's CUDA-argument rewriting paused, as our generation does.
+Timed runs alternate between the implementations; the table shows medians, generated
 tokens/s and the ratio. A no-cache recompute loop over our model is the third row, to show what
 the cache buys.
 """
@@ -77,6 +78,7 @@ def main(argv=None) -> None:
     from megatron_keye.logging_setup import configure_logging
     from megatron_keye.models.keye_vl.builder import build_model_chunks
     from megatron_keye.post_training.generation import GenerationOptions, Prompt, generate
+    from megatron_keye.runtime.cpu_compat import device_arguments_as_given
     from megatron_keye.runtime.parallel import ParallelDims
 
     configure_logging()
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
         results["ours"] = generate([chunk], prompts, options, pad_id=0).tokens
 
     def theirs():
-        with torch.no_grad():
+        with torch.no_grad(), device_arguments_as_given():  # the peer needs no CPU shim
             out = hf.generate(tokens, attention_mask=torch.ones_like(tokens),
                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                               do_sample=False, use_cache=True)

@@ -4,7 +4,9 @@ One process (TP=1), fp32, the RL loop's own pieces on a synthetic arithmetic pro
 - rollout: `RolloutSource` generating G samples per prompt with the KV cache (hints off, so
   every iteration generates once), and the same prompts × G through transformers'
   `Qwen3ForCausalLM.generate` (KV cache, sdpa, sampling at T=1, the same weights copied in)
-  for the same number of new tokens (stop tokens off on both sides) — generated tokens/s;
+  for the same number of new tokens (stop tokens off on both sides) — generated tokens/s; the
+  peer runs with our CPU shim's CUDA-argument rewriting paused, as our generation does (it
+  costs a Python call per torch op and transformers needs none of it);
 - reward: the verifiers over the decoded responses;
 - log-prob: a forward-only pass of the gspo head over the rollout batch (what recomputing π_old
   with the training engine would cost; the loop keeps the sampler's log-probs instead);
@@ -32,6 +34,7 @@ def bench_worker(*, flavor: str, prompts_per_rollout: int, group_size: int, new_
     from megatron_keye.heads import build_loss_head
     from megatron_keye.post_training.generation import GenerationOptions, generate
     from megatron_keye.post_training.rl_batch import local_microbatches, split_minibatches
+    from megatron_keye.runtime.cpu_compat import device_arguments_as_given
     from megatron_keye.runtime.step import ModelStep
     from megatron_keye.runtime.trainer import Trainer
 
@@ -83,7 +86,7 @@ def bench_worker(*, flavor: str, prompts_per_rollout: int, group_size: int, new_
             ids[row, width - p.tokens.numel():] = p.tokens
             mask[row, width - p.tokens.numel():] = 1
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), device_arguments_as_given():  # the peer needs no CPU shim
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=True, temperature=1.0,
                               top_p=1.0, top_k=0, num_return_sequences=group_size,

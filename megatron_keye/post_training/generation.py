@@ -23,6 +23,10 @@ How it runs (every rank calls `generate` with the same prompts):
 - Vision. When the model has a vision tower (`KeyeVLModel`) and a prompt has images or videos,
   prefill passes their patch rows and grids to the first stage, which encodes them and puts the
   embeddings at the pad tokens. Decode steps feed plain token embeddings.
+- Decode steps run the decoder layers as plain tensor code over the same weights
+  (`lean_decode.py`, bit-identical to the modules; the per-op Python of megatron-core's module
+  wrappers otherwise dominates a one-token step), in inference mode, with the CPU shim's
+  CUDA-argument rewriting paused (`runtime/cpu_compat.py`).
 - Pipeline. Stages run in order for prefill and for every decode step: a stage receives the
   previous stage's hidden states [n, b, h] (torch.distributed send/recv on the pipeline ranks),
   runs its layers and sends on; with virtual pipelining a rank runs its chunks in turn (chunk v

@@ -3,8 +3,9 @@
 Every tensor-parallel rank of the last pipeline stage gathers the full-vocabulary fp32 logits
 of the last position and makes the same choice: greedy is an argmax (ties to the lower id),
 sampling draws one uniform number per row from that row's own generator (seeded from the run
-seed and the row's global index, identical on every rank) and inverts the cumulative top-p
-distribution. Choices therefore agree across TP ranks and across layouts, and a row's samples
+seed and the row's global index, identical on every rank) and inverts the cumulative
+distribution: over the vocabulary in id order when top_p = 1 (no sort needed), over the top-p
+nucleus in descending probability order otherwise. Choices therefore agree across TP ranks and across layouts, and a row's samples
 do not depend on which other rows share its batch.
 
 The log-probability kept for each chosen token is log softmax(z / T) at that token, computed
