@@ -33,7 +33,7 @@ from megatron_keye.heads.sequence import (
     find_pairs,
     sample_sums,
 )
-from megatron_keye.runtime.comm import all_reduce_values
+from megatron_keye.ops.collectives import all_reduce_values
 
 
 @dataclass

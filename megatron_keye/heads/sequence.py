@@ -4,7 +4,7 @@ DPO/BCO log-ratios, reward scores and GSPO ratios are sums over the tokens of on
 may pack several samples (`sample_ids` [b, s], 0, 0, 1, 1, 1, ...; without it a row is one
 sample) and under context parallelism each rank holds only its zig-zag share of every sample.
 `sample_sums` adds per-token values into one slot per (row, sample id) with `scatter_add`, then
-adds the slots over the CP group with `runtime.comm.sum_over_group`, whose backward hands every
+adds the slots over the CP group with `ops.collectives.sum_over_group`, whose backward hands every
 rank the full dL/dsum for its own tokens. Convention that makes the gradients exact: a head counts
 each sequence-level loss on one CP rank only (`counted_on_this_cp_rank`), every rank calls the
 helper the same number of times in the same order, and token-level terms are counted on every
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_keye.data.batch import CHOSEN, REJECTED
-from megatron_keye.runtime.comm import all_reduce_values, sum_over_group
+from megatron_keye.ops.collectives import all_reduce_values, sum_over_group
 
 
 def context_parallel_group() -> dist.ProcessGroup | None:

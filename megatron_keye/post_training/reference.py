@@ -57,7 +57,7 @@ def reference_logprobs(step, microbatches: list[dict]) -> list[torch.Tensor] | N
     for source in batches:
         local = source[_REFERENCE_STASH].cpu()
         if step.cp_size > 1:
-            from megatron_keye.runtime.comm import all_reduce_values
+            from megatron_keye.ops.collectives import all_reduce_values
             from megatron_keye.runtime.context_split import row_positions
 
             # every CP rank drops its share into a zero full row; a sum merges them exactly

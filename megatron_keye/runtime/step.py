@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_keye.data.batch import REF_LOGPROBS, VISION_FIELDS
 from megatron_keye.heads import LossHead
 from megatron_keye.heads.base import report_entry
-from megatron_keye.runtime.comm import all_reduce_values
+from megatron_keye.ops.collectives import all_reduce_values
 from megatron_keye.runtime.context_split import split_for_context_parallel
 
 # The report entry holding the (sum, count) the gradients were computed from.

@@ -27,8 +27,8 @@ from megatron_keye.config import config_to_dict, num_microbatches, validate
 from megatron_keye.config.schema import TrainConfig
 from megatron_keye.heads import LossHead, build_loss_head
 from megatron_keye.models.keye_vl.builder import build_model_chunks
+from megatron_keye.ops.collectives import all_reduce_values
 from megatron_keye.runtime.checkpoint import Checkpointer, TrainingState, resolve_checkpoint_dir
-from megatron_keye.runtime.comm import all_reduce_values
 from megatron_keye.runtime.metrics import (
     MetricsSink,
     flops_per_token,

@@ -13,7 +13,7 @@ def sequence_loss_worker(*, values: torch.Tensor, cp: int):
     import torch.distributed as dist
 
     from megatron_keye.ops.attention.zigzag import zigzag_indices
-    from megatron_keye.runtime.comm import sum_over_group
+    from megatron_keye.ops.collectives import sum_over_group
     from megatron_keye.runtime.parallel import init_distributed
 
     init_distributed()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_keye.runtime import comm
+from megatron_keye.ops import collectives as comm
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_keye"
 # Tensor collectives whose tensors must sit on the backend's device. (barrier and the *_object
@@ -49,7 +49,7 @@ def test_all_reduce_values_uses_the_comm_device_and_returns_cpu(monkeypatch):
 # Modules whose job is moving model tensors (activations, K/V, logits, vision embeddings,
 # weight shards, sampled tokens): those already live on the compute device, which is the
 # communication device of the model's groups.
-MODEL_TENSOR_COMMUNICATION = {"runtime/comm.py", "ops/attention/context_parallel.py",
+MODEL_TENSOR_COMMUNICATION = {"ops/collectives.py", "ops/attention/context_parallel.py",
                               "heads/logprobs.py", "models/keye_vl/vision_placement.py",
                               "convert.py", "post_training/sampling.py",
                               "post_training/generation.py"}
