@@ -180,7 +180,7 @@ def print_table(rows: list[dict], info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flavor", default="small", help="vision flavor (configs.py)")
+    parser.add_argument("--flavor", default="small", help="vision flavor (config/flavors.py)")
     parser.add_argument("--lm-hidden", type=int, default=512, help="projector output width")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side and mode")
     parser.add_argument("--scale", type=float, default=1.0, help="scale every grid side")

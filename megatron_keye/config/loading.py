@@ -16,8 +16,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from megatron_keye.config.flavors import flavor_fields, vision_flavor_fields
 from megatron_keye.config.schema import TrainConfig
-from megatron_keye.models.keye_vl.configs import flavor_fields, vision_flavor_fields
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_keye.config.flavors import vision_flavor_fields
+
 
 @dataclass(kw_only=True)
 class VisionConfig:
     """Shapes of the SigLIP-style vision tower and the `mlp_AR` projector (spec section 1.1-1.2).
 
-    `flavor` names a preset in `models/keye_vl/configs.py` (VISION_FLAVORS); fields given next to
+    `flavor` names a preset in `config/flavors.py` (VISION_FLAVORS); fields given next to
     it override it. The projector maps 2x2 merged patches to the language model's hidden size.
     """
 
-    flavor: str = "tiny"  # preset in models/keye_vl/configs.py VISION_FLAVORS: tiny | small | 8b
+    flavor: str = "tiny"  # preset in config/flavors.py VISION_FLAVORS: tiny | small | 8b
     hidden_size: int  # ViT width (1152 in Keye-VL-1.5)
     num_layers: int  # ViT encoder layers
     num_attention_heads: int  # ViT heads; head_dim = hidden_size / heads must be a multiple of 4
@@ -36,8 +38,6 @@ class VisionConfig:
     @classmethod
     def from_flavor(cls, name: str, **overrides) -> VisionConfig:
         """A VisionConfig from a named preset plus field overrides."""
-        from megatron_keye.models.keye_vl.configs import vision_flavor_fields
-
         return cls(**{**vision_flavor_fields(name), "flavor": name, **overrides})
 
     @property
@@ -55,10 +55,10 @@ class VisionConfig:
 class ModelConfig:
     """Shapes of the Qwen3 decoder (and, later, the vision tower).
 
-    `flavor` names a preset in `models/keye_vl/configs.py`; fields given next to it override it.
+    `flavor` names a preset in `config/flavors.py`; fields given next to it override it.
     """
 
-    flavor: str = "tiny"  # preset in models/keye_vl/configs.py: tiny | small | 8b
+    flavor: str = "tiny"  # preset in config/flavors.py: tiny | small | 0.6b | 8b
     vocab_size: int  # real vocabulary size (the tokenizer must fit in it)
     hidden_size: int  # decoder width
     num_layers: int  # decoder layers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_keye.models.keye_vl.configs import FLAVORS
+from megatron_keye.config.flavors import FLAVORS
 from megatron_keye.planning.layout import Cluster
 from megatron_keye.planning.plan import PlanInputs, plan
 from megatron_keye.planning.report import format_table, to_json

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_keye.config.flavors import flavor_fields
 from megatron_keye.config.schema import ModelConfig
-from megatron_keye.models.keye_vl.configs import flavor_fields
 from megatron_keye.runtime.metrics import flops_per_token, matmul_params
 
 

@@ -1,6 +1,8 @@
 """Model flavors: `tiny` for tests, `small` for CPU benchmarks, `0.6b` and `8b` for Qwen3 shapes.
 
-A flavor is a plain mapping of `ModelConfig` fields; recipes name one and may override any field.
+A flavor is a plain mapping of `ModelConfig` (or `VisionConfig`) fields; recipes name one and may
+override any field. The tables are configuration data, so they live in `config/` where
+`load_config` fills a recipe's model section from them; models/ and planning/ read them from here.
 """
 
 from __future__ import annotations
