@@ -294,28 +294,6 @@ def _validate_schedule(config: TrainConfig, world_size: int) -> None:
         )
 
 
-def check_tokenizer_fits(config: TrainConfig, tokenizer=None) -> None:
-    """Refuse a tokenizer with more ids than `model.vocab_size` (an error naming both).
-
-    `tokenizer` defaults to the one `data.tokenizer` names (the shipped one when unset). Called
-    at start-up, before any batch is built: an id >= vocab_size would otherwise index a padded
-    (masked) embedding row or crash inside the embedding lookup.
-    """
-    if tokenizer is None:
-        from megatron_keye.data.text.tokenizer import KeyeTokenizer
-
-        source = config.data.tokenizer
-        tokenizer = KeyeTokenizer.from_dir(source) if source else KeyeTokenizer.default()
-    size = tokenizer.vocab_size
-    if size > config.model.vocab_size:
-        where = config.data.tokenizer or "the shipped default tokenizer"
-        raise ConfigError(
-            "model.vocab_size",
-            f"the tokenizer ({where}, data.tokenizer) has {size} tokens but model.vocab_size is "
-            f"{config.model.vocab_size}; use a model with at least {size} token ids",
-        )
-
-
 def _validate_shard_data(config: TrainConfig, world_size: int) -> None:
     """`data.kind: shards`: sources, weights and the loader's counts (files are checked later)."""
     d = config.data

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 
+from megatron_keye.config.loading import ConfigError
 from megatron_keye.config.schema import TrainConfig
+from megatron_keye.data.text.tokenizer import KeyeTokenizer
 
 
 def build_data_loader(config: TrainConfig):
     """The loader `config.data.kind` names, for this rank's data-parallel coordinates."""
-    from megatron_keye.config.validation import check_tokenizer_fits
-
     check_tokenizer_fits(config)  # token ids must index real (not padded) embedding rows
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -39,3 +39,24 @@ def build_data_loader(config: TrainConfig):
         dp_rank=dp_rank,
         dp_size=dp_size,
     )
+
+
+def check_tokenizer_fits(config: TrainConfig, tokenizer=None) -> None:
+    """Refuse a tokenizer with more ids than `model.vocab_size` (an error naming both).
+
+    `tokenizer` defaults to the one `data.tokenizer` names (the shipped one when unset). Called
+    by `build_data_loader`, before any batch is built: an id >= vocab_size would otherwise index
+    a padded (masked) embedding row or crash inside the embedding lookup. It lives here, not in
+    `config/validation.py`, because it reads the data's tokenizer (config/ stays below data/).
+    """
+    if tokenizer is None:
+        source = config.data.tokenizer
+        tokenizer = KeyeTokenizer.from_dir(source) if source else KeyeTokenizer.default()
+    size = tokenizer.vocab_size
+    if size > config.model.vocab_size:
+        where = config.data.tokenizer or "the shipped default tokenizer"
+        raise ConfigError(
+            "model.vocab_size",
+            f"the tokenizer ({where}, data.tokenizer) has {size} tokens but model.vocab_size is "
+            f"{config.model.vocab_size}; use a model with at least {size} token ids",
+        )

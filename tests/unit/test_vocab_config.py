@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_keye.config import ConfigError, load_config, validate
-from megatron_keye.config.validation import check_tokenizer_fits
+from megatron_keye.data.loaders import check_tokenizer_fits
 
 
 def test_odd_vocabulary_is_padded_instead_of_refused():
