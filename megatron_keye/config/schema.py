@@ -340,7 +340,8 @@ class RLConfig:
     seed: int = 0  # rollout seed: generation call k of rollout batch n samples from (seed, n, k)
     chat: bool = True  # render prompts with the chat template (assistant generation prompt)
     # Reward terms (post_training/rewards.py VERIFIERS: exact, numeric, numeric_close, choice,
-    # format, json; 'model' = the score of rl.reward_model) and their weights; the reward is the weighted sum.
+    # format, json; 'model' = the score of rl.reward_model) and their weights; the reward is the
+    # weighted sum.
     reward_terms: list[str] = field(default_factory=lambda: ["exact"])
     reward_weights: list[float] = field(default_factory=lambda: [1.0])  # one per reward term
     # Native checkpoint of a reward model (model.output_head: value, same tokenizer) scoring
