@@ -2,8 +2,9 @@
 
 Two ways to get log p_ref(label) per token:
 - a frozen reference model held next to the policy on the same layout
-  (`stage.head.preference.reference: model`): `build_reference_model` builds and loads it, and
-  the model step forwards it before the policy every step (`runtime/step.py`);
+  (`stage.head.preference.reference: model`): the trainer builds and loads it
+  (`runtime.frozen_model.build_frozen_model`), and the model step forwards it before the policy
+  every step (`runtime/step.py`);
 - precomputed once (`reference: precomputed`): `reference_logprobs` runs a checkpoint over
   micro-batches and returns full-row [b, s] log-probs (CP shares merged back), which a pass
   writes next to the data so training needs no second model.
@@ -14,28 +15,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from megatron_keye.config import config_to_dict
 from megatron_keye.config.schema import TrainConfig
-
-
-def build_reference_model(cfg: TrainConfig, device: torch.device, *, layout: dict,
-                          source: str | None) -> list[torch.nn.Module]:
-    """Frozen model chunks of this rank (same layout as the policy), weights from `source`."""
-    from megatron_keye.models.keye_vl.builder import build_model_chunks
-    from megatron_keye.runtime.checkpoint import Checkpointer
-
-    if not source:
-        raise ValueError("stage.head.preference.reference_load: a frozen reference model needs a "
-                         "checkpoint (reference_load or checkpoint.load)")
-    chunks = build_model_chunks(cfg, device)
-    Checkpointer(cfg.checkpoint, run_config=config_to_dict(cfg), layout=layout).load(
-        source, chunks=chunks, optimizer=None, weights_only=True
-    )
-    for chunk in chunks:
-        chunk.eval()
-        for param in chunk.parameters():
-            param.requires_grad_(False)
-    return chunks
+from megatron_keye.runtime.frozen_model import build_frozen_model
 
 
 def reference_logprobs(step, microbatches: list[dict]) -> list[torch.Tensor] | None:
@@ -82,7 +63,7 @@ def reference_logprobs_from_checkpoint(cfg: TrainConfig, checkpoint: str,
     from megatron_keye.runtime.step import ModelStep
 
     device = compute_device()
-    chunks = build_reference_model(cfg, device, layout={}, source=checkpoint)
+    chunks = build_frozen_model(cfg, device, layout={}, source=checkpoint)
     step = ModelStep(model=chunks, loss_head=None, device=device,
                      seq_length=cfg.data.seq_length,
                      micro_batch_size=cfg.schedule.micro_batch_size,

@@ -80,7 +80,7 @@ def compute_reference_logprobs(cfg: TrainConfig, checkpoint: str, *, tag: str) -
     from megatron_keye.data.shards.row_stream import RowStream
     from megatron_keye.data.shards.streams import EpochOrder, SampleRef
     from megatron_keye.data.shards.tar_reader import ShardCache
-    from megatron_keye.post_training.reference import build_reference_model
+    from megatron_keye.runtime.frozen_model import build_frozen_model
     from megatron_keye.runtime.parallel import compute_device
     from megatron_keye.runtime.step import ModelStep
 
@@ -99,7 +99,7 @@ def compute_reference_logprobs(cfg: TrainConfig, checkpoint: str, *, tag: str) -
                        encoder=plan.encoder_factory(), cache=ShardCache())
 
     device = compute_device()
-    chunks = build_reference_model(cfg, device, layout={}, source=checkpoint)
+    chunks = build_frozen_model(cfg, device, layout={}, source=checkpoint)
     step = ModelStep(model=chunks, loss_head=None, device=device, seq_length=settings.seq_length,
                      micro_batch_size=cfg.schedule.micro_batch_size, reference_model=chunks,
                      vocab_size=cfg.model.vocab_size)

@@ -8,7 +8,7 @@ refuses a checkpoint that is not a value model, or whose vocabulary, tokenizer o
 ids differ from the policy's, naming the field that points at it.
 
 `RewardModelScorer` builds it as frozen chunks on the parallel state already initialized (the
-trainer's or the sampler's TP×PP layout, `reference.build_reference_model`) and scores
+trainer's or the sampler's TP×PP layout, `runtime.frozen_model.build_frozen_model`) and scores
 (prompt, response) items the way the reward model saw its training samples: the prompt's tokens
 as rendered for the policy (chat template, media, hint) followed by the response, closed with
 the assistant turn's end token `<|im_end|>` (a trailing stop token is replaced by it, a cut
@@ -152,7 +152,7 @@ class RewardModelScorer:
     def __init__(self, *, checkpoint: str, config: TrainConfig, device: torch.device,
                  layout: dict, tokenizer, micro_batch_size: int,
                  row_length: int | None = None):
-        from megatron_keye.post_training.reference import build_reference_model
+        from megatron_keye.runtime.frozen_model import build_frozen_model
 
         if parallel_state.get_context_parallel_world_size() != 1:
             raise ValueError("reward model: scoring runs without context parallelism")
@@ -164,7 +164,7 @@ class RewardModelScorer:
         self.stop_ids = (tokenizer.eos_id, tokenizer.pad_id)
         self.vision_pads = (config.model.image_token_id, config.model.video_token_id)
         with torch.random.fork_rng():  # the fresh draw before loading leaves the run's RNG be
-            self.chunks = build_reference_model(config, device, layout=layout, source=checkpoint)
+            self.chunks = build_frozen_model(config, device, layout=layout, source=checkpoint)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, *, field: str, policy_model: Mapping, tokenizer,

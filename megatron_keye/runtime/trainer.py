@@ -29,6 +29,7 @@ from megatron_keye.heads import LossHead, build_loss_head
 from megatron_keye.models.keye_vl.builder import build_model_chunks
 from megatron_keye.ops.collectives import all_reduce_values
 from megatron_keye.runtime.checkpoint import Checkpointer, TrainingState, resolve_checkpoint_dir
+from megatron_keye.runtime.frozen_model import build_frozen_model
 from megatron_keye.runtime.metrics import (
     MetricsSink,
     flops_per_token,
@@ -108,9 +109,7 @@ class Trainer:
         )
         self.reference_model = None
         if getattr(self.loss_head, "uses_reference_model", False):
-            from megatron_keye.post_training.reference import build_reference_model
-
-            self.reference_model = build_reference_model(
+            self.reference_model = build_frozen_model(
                 cfg, self.device, layout=self.layout(),
                 source=getattr(self.loss_head, "reference_load", None) or cfg.checkpoint.load,
             )
