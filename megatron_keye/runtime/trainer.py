@@ -184,6 +184,9 @@ class Trainer:
 
     def _build_loader(self):
         if self.config.stage.loss_head == "gspo":  # RL: batches are rollouts of this model
+            # The one import up into post_training/: `Trainer(config).setup()` builds an RL
+            # stage's loader by itself; a factory registered from above would make that depend
+            # on who imported post_training first.
             from megatron_keye.post_training.rl import RolloutSource
 
             return RolloutSource(self.config, trainer=self)
