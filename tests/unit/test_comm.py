@@ -47,12 +47,13 @@ def test_all_reduce_values_uses_the_comm_device_and_returns_cpu(monkeypatch):
 
 
 # Modules whose job is moving model tensors (activations, K/V, logits, vision embeddings,
-# weight shards, sampled tokens): those already live on the compute device, which is the
-# communication device of the model's groups.
+# weight shards, sampled tokens, reward-model score tables): those already live on the
+# compute device, which is the communication device of the model's groups.
 MODEL_TENSOR_COMMUNICATION = {"ops/collectives.py", "ops/attention/context_parallel.py",
                               "heads/logprobs.py", "models/keye_vl/vision_placement.py",
                               "convert.py", "post_training/sampling.py",
-                              "post_training/generation.py"}
+                              "post_training/generation.py", "post_training/lean_decode.py",
+                              "post_training/reward_model.py"}
 
 
 def test_every_bookkeeping_collective_in_the_package_goes_through_comm():
