@@ -1,4 +1,4 @@
-"""Thin launcher: parse the recipe and overrides, build the trainer, run it.
+"""Thin launcher: parse the recipe and overrides, build the stage's trainer, run it.
 
     torchrun --nproc-per-node 4 -m megatron_keye.train --recipe tiny-cpu-text --parallel.tensor=2
 """
@@ -13,6 +13,19 @@ from megatron_keye.config.arguments import split_recipe_args
 from megatron_keye.logging_setup import configure_logging
 
 
+def build_trainer(config):
+    """The `Trainer` of a stage (not set up): an RL stage (`stage.loss_head: gspo` with
+    `rl.prompts`) gets `RolloutSource` as its loader, every other stage the shard loader."""
+    from megatron_keye.runtime.trainer import Trainer
+
+    if config.stage.loss_head == "gspo" and config.rl.prompts:
+        from megatron_keye.post_training.rl import RolloutSource
+
+        return Trainer(config, loader_factory=lambda trainer: RolloutSource(config,
+                                                                            trainer=trainer))
+    return Trainer(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
@@ -25,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return 2
     from megatron_keye.runtime.parallel import shutdown
-    from megatron_keye.runtime.trainer import Trainer
 
     try:
-        Trainer(config).setup().run()
+        build_trainer(config).setup().run()
     finally:
         shutdown()
     return 0
