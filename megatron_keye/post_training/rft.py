@@ -142,14 +142,17 @@ def best_by_score(kept: list[dict]) -> dict | None:
     return next(c for c in kept if c["score"] == top)
 
 
-def _conversation(record, response: str, **extra) -> dict:
+def conversation_record(record, response: str, *, out_dir: Path, **extra) -> dict:
+    """An accepted response as a conversation line of `out_dir`'s JSONL. Media paths are
+    written relative to `out_dir`, where the shard writer (and any later reader) resolves
+    them, whatever directory the prompts were read from."""
     out = {"messages": [{"role": "user", "content": record.text},
                         {"role": "assistant", "content": response}],
            "source": record.source, **extra}
-    if record.images:
-        out["images"] = list(record.images)
-    if record.videos:
-        out["videos"] = list(record.videos)
+    base = Path(out_dir).resolve()
+    for key, paths in (("images", record.images), ("videos", record.videos)):
+        if paths:
+            out[key] = [os.path.relpath(Path(p).resolve(), base) for p in paths]
     return out
 
 
@@ -219,12 +222,14 @@ def run_rft(options: RFTOptions) -> RFTReport:
             replaced = best is not None and best["score"] > references[p]
             kept = [best] if replaced else []
             stats["replaced"] += int(replaced)
-            written = [_conversation(record, best["text"] if replaced else record.sample["answer"],
-                                     replaced_reference=replaced, reference_score=references[p],
-                                     sample_score=None if best is None else best["score"])]
+            answer = best["text"] if replaced else record.sample["answer"]
+            written = [conversation_record(
+                record, answer, out_dir=out, replaced_reference=replaced,
+                reference_score=references[p],
+                sample_score=None if best is None else best["score"])]
         else:
             kept = select(group, mode=options.mode, success=options.success)
-            written = [_conversation(record, c["text"]) for c in kept]
+            written = [conversation_record(record, c["text"], out_dir=out) for c in kept]
         for candidate in kept:
             candidate["kept"] = True
         candidates.extend(group)
