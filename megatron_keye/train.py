@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -33,17 +34,30 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(recipe, overrides)
         validate(config, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
     except ConfigError as err:
-        # Every rank finds the same error; one of them says it, in one line.
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _refuse(err)
     from megatron_keye.runtime.parallel import shutdown
 
+    trainer = build_trainer(config)
     try:
-        build_trainer(config).setup().run()
+        trainer.setup()
+    except (ConfigError, FileNotFoundError) as err:
+        # what setup finds in the files a config names (a checkpoint that is not what the
+        # field asks for, a missing prompts file): the same on every rank, said in one line
+        logging.getLogger(__name__).debug("setup refused", exc_info=True)
+        shutdown()
+        return _refuse(err)
+    try:
+        trainer.run()
     finally:
         shutdown()
     return 0
+
+
+def _refuse(err: Exception) -> int:
+    """Every rank finds the same error; one of them says it, in one line."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -93,3 +93,14 @@ def test_checkpoint_of_another_vocabulary_is_refused_in_one_line(tmp_path):
     last = other.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.vocab_size: checkpoint") and "4096" in last
     assert not (tmp_path / "o" / "latest").exists()
+
+
+def test_rl_stage_with_a_missing_prompts_file_is_refused_in_one_line(tmp_path):
+    missing = tmp_path / "no-prompts.jsonl"
+    done = megatron_keye(["train", "--recipe", "tiny-cpu-gspo", "--parallel.tensor=1",
+                          "--parallel.data=1", "--checkpoint.load=", "--model.vision=null",
+                          f"--rl.prompts={missing}", f"--logging.output_dir={tmp_path / 'o'}",
+                          f"--checkpoint.save_dir={tmp_path / 'c'}",
+                          "--logging.wandb_mode=disabled"])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: rl.prompts: {missing} does not exist"
