@@ -1,4 +1,4 @@
-"""Thin launcher: parse the recipe and overrides, build the stage's trainer, run it.
+"""Thin launcher: parse the recipe and overrides, build the trainer, run it.
 
     torchrun --nproc-per-node 4 -m megatron_keye.train --recipe tiny-cpu-text --parallel.tensor=2
 """
@@ -14,19 +14,6 @@ from megatron_keye.config.arguments import split_recipe_args
 from megatron_keye.logging_setup import configure_logging
 
 
-def build_trainer(config):
-    """The `Trainer` of a stage (not set up): an RL stage (`stage.loss_head: gspo` with
-    `rl.prompts`) gets `RolloutSource` as its loader, every other stage the shard loader."""
-    from megatron_keye.runtime.trainer import Trainer
-
-    if config.stage.loss_head == "gspo" and config.rl.prompts:
-        from megatron_keye.post_training.rl import RolloutSource
-
-        return Trainer(config, loader_factory=lambda trainer: RolloutSource(config,
-                                                                            trainer=trainer))
-    return Trainer(config)
-
-
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
@@ -36,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return _refuse(err)
     from megatron_keye.runtime.parallel import shutdown
+    from megatron_keye.runtime.trainer import Trainer
 
-    trainer = build_trainer(config)
+    trainer = Trainer(config)
     try:
         trainer.setup()
     except (ConfigError, FileNotFoundError) as err:

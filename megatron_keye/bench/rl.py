@@ -36,7 +36,7 @@ def bench_worker(*, flavor: str, prompts_per_rollout: int, group_size: int, new_
     from megatron_keye.post_training.rl_batch import local_microbatches, split_minibatches
     from megatron_keye.runtime.cpu_compat import device_arguments_as_given
     from megatron_keye.runtime.step import ModelStep
-    from megatron_keye.train import build_trainer
+    from megatron_keye.runtime.trainer import Trainer
 
     path = write_rl_prompts(root, RLPromptConfig(colour=0, arithmetic=64))
     config = load_config(None, [
@@ -48,7 +48,7 @@ def bench_worker(*, flavor: str, prompts_per_rollout: int, group_size: int, new_
         f"schedule.train_iters={minibatches * (repeats + 1) * 2}", "schedule.warmup_iters=0",
         "parallel.distributed_optimizer=false", "optimizer.lr=1e-6",
         "optimizer.min_lr=1e-6", "schedule.decay_style=constant"])
-    trainer = build_trainer(config).setup()
+    trainer = Trainer(config).setup()
     source = trainer.loader
     chunk = trainer.model[0].module
     hf = _hf_model(config, chunk)

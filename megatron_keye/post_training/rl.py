@@ -2,8 +2,7 @@
 
 A `stage.loss_head: gspo` stage is trained by the ordinary `Trainer` (so `megatron-keye train`
 and `megatron-keye pipeline` run it as any other stage, e.g. after MPO); its data loader is a
-`RolloutSource` (`megatron_keye.train.build_trainer` supplies it to the trainer), which produces
-each global batch from the policy being trained:
+`RolloutSource`, which produces each global batch from the policy being trained:
 
 1. Prompt stream: the `rl.prompts` JSONL (`prompt`, reference `answer`, optional `mode`, `hints`,
    `image(s)`/`video(s)`, `source`), `rl.prompts_per_rollout` prompts per rollout batch, in a

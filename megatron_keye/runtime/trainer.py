@@ -16,16 +16,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_keye.config import ConfigError, config_to_dict, num_microbatches, validate
+from megatron_keye.config import config_to_dict, num_microbatches, validate
 from megatron_keye.config.schema import TrainConfig
 from megatron_keye.heads import LossHead, build_loss_head
 from megatron_keye.models.keye_vl.builder import build_model_chunks
@@ -77,15 +75,10 @@ class StepResult:
 class Trainer:
     """Owns the model chunks, optimizer, scheduler, data loader and checkpoints of one run."""
 
-    def __init__(self, config: TrainConfig, *, loss_head: LossHead | None = None, loader=None,
-                 loader_factory: Callable[[Trainer], Any] | None = None):
-        """`loader` (an object with `next_step`) or `loader_factory` (called with the set-up
-        trainer, for loaders that need its model: the RL stage's rollouts) replaces the shard
-        loader of `data`; `megatron_keye.train.build_trainer` picks the factory per stage."""
+    def __init__(self, config: TrainConfig, *, loss_head: LossHead | None = None, loader=None):
         self.config = config
         self.loss_head = loss_head
         self.loader = loader
-        self.loader_factory = loader_factory
         self.iteration = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
@@ -131,8 +124,7 @@ class Trainer:
         )
         self.tokens_per_step = cfg.schedule.global_batch_size * cfg.data.seq_length
         if self.loader is None:
-            self.loader = (self.loader_factory(self) if self.loader_factory is not None
-                           else self._build_loader())
+            self.loader = self._build_loader()
         self.checkpointer = Checkpointer(
             cfg.checkpoint, run_config=config_to_dict(cfg), layout=self.layout()
         )
@@ -191,10 +183,13 @@ class Trainer:
                 tc.param_sync_func = tc.param_sync_func[0]
 
     def _build_loader(self):
-        if self.config.stage.loss_head == "gspo":
-            raise ConfigError("stage.loss_head", "a gspo stage trains on rollouts of its own "
-                              "model: build its trainer with megatron_keye.train.build_trainer "
-                              "(what `megatron-keye train` does), which supplies the RL loader")
+        if self.config.stage.loss_head == "gspo":  # RL: batches are rollouts of this model
+            # The one import up into post_training/: `Trainer(config).setup()` builds an RL
+            # stage's loader by itself; a factory registered from above would make that depend
+            # on who imported post_training first.
+            from megatron_keye.post_training.rl import RolloutSource
+
+            return RolloutSource(self.config, trainer=self)
         from megatron_keye.data.loaders import build_data_loader
 
         return build_data_loader(self.config)

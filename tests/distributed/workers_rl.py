@@ -44,9 +44,9 @@ def rl_config(prompts: str, *, layout: dict, steps: int, extra: tuple = ()):
 
 def _recording_trainer(config):
     """A set-up trainer whose rollout batches are recorded as (prompt, level, tokens, logps)."""
-    from megatron_keye.train import build_trainer
+    from megatron_keye.runtime.trainer import Trainer
 
-    trainer = build_trainer(config).setup()
+    trainer = Trainer(config).setup()
     seen: list = []
     original = trainer.loader.rollout_batch
 
@@ -180,10 +180,10 @@ def reward_model_rollouts(*, prompts: str, reward_model: str, layout: dict,
     """One rollout batch (two steps) of the RL loop with the reward-model term: per rollout
     (prompt index, hint level, response tokens, model term, reward, vowel term), the logged
     mean of the model term (and the rollouts' prompts with `keep_prompts`)."""
-    from megatron_keye.train import build_trainer
+    from megatron_keye.runtime.trainer import Trainer
 
-    trainer = build_trainer(rl_config(prompts, layout=layout, steps=2,
-                                      extra=rm_task(reward_model))).setup()
+    trainer = Trainer(rl_config(prompts, layout=layout, steps=2,
+                                extra=rm_task(reward_model))).setup()
     seen: list = []
     original = trainer.loader.rollout_batch
 

@@ -108,14 +108,3 @@ def test_rft_reward_model_options_are_checked():
         RFTOptions(**base, replace_reference=True)
     RFTOptions(**base, reward_terms=["exact", "model"], reward_weights=[1.0, 0.5],
                reward_model="rm", replace_reference=True)
-
-
-def test_an_rl_stage_gets_its_rollout_loader_from_build_trainer():
-    from megatron_keye.runtime.trainer import Trainer
-    from megatron_keye.train import build_trainer
-
-    config = _policy()
-    with pytest.raises(ConfigError, match="stage.loss_head.*build_trainer"):
-        Trainer(config)._build_loader()  # a bare trainer has no rollout loader
-    assert build_trainer(config).loader_factory is not None
-    assert build_trainer(load_config(None, [])).loader_factory is None
