@@ -18,6 +18,10 @@ from megatron.core import parallel_state
 from megatron_keye.config.schema import TrainConfig
 from megatron_keye.runtime.frozen_model import build_frozen_model
 
+# The frozen-model builder lives in runtime/ (the trainer builds the reference with it); the
+# name under which preference stages knew it stays.
+build_reference_model = build_frozen_model
+
 
 def reference_logprobs(step, microbatches: list[dict]) -> list[torch.Tensor] | None:
     """Full-row log p(label) [b, s] (fp32, CPU) per micro-batch from `step.reference_model`.
