@@ -11,9 +11,10 @@ MFU. A layout that does not fit the GPU memory is refused with the planner's rea
 (`--submit` runs it).
 
 Two additions to the planner's language-model estimate, both on the first pipeline stage:
-the vision tower and projector's weights, gradients and Adam state (their activations are not
-modeled), and frozen parameters (`stage.freeze`), which keep their weights but no gradient,
-fp32 main copy or Adam state.
+the vision tower and projector's weights, gradients and Adam state and their saved activations
+(planning/vision.py: the conservative default of visual tokens per row from
+`data.image_max_tokens`/`data.video_max_tokens`), and frozen parameters (`stage.freeze`), which
+keep their weights but no gradient, fp32 main copy or Adam state.
 """
 
 from __future__ import annotations
@@ -30,21 +31,27 @@ from megatron_keye.config import ConfigError, load_config, validate
 from megatron_keye.config.schema import TrainConfig, VisionConfig
 from megatron_keye.config.validation import data_parallel_size
 from megatron_keye.planning import Cluster, Layout, PlanInputs, evaluate
-from megatron_keye.planning.memory import GIB, MemoryBreakdown, predict_memory
+from megatron_keye.planning.memory import (
+    GIB,
+    MemoryBreakdown,
+    in_flight_microbatches,
+    predict_memory,
+)
 from megatron_keye.planning.shapes import ModelShape
+from megatron_keye.planning.vision import (
+    VisionShape,
+    busiest_rank_patches,
+    default_visual_tokens_per_row,
+    vision_activation_bytes,
+)
 
 SLURM_DIR = "examples/slurm"
 
 
 def vision_parameter_counts(vision: VisionConfig, lm_hidden: int) -> tuple[int, int]:
     """Elements of the vision tower and of the projector (spec sections 1.1 and 1.2)."""
-    h, f, p = vision.hidden_size, vision.ffn_hidden_size, vision.patch_size
-    layer = 4 * h * h + 4 * h + 2 * h * f + h + f + 4 * h  # attention, MLP (biases), two LNs
-    embeddings = vision.num_channels * p * p * h + h + vision.position_grid**2 * h
-    tower = vision.num_layers * layer + embeddings + 2 * h  # + post-layernorm
-    m = vision.merged_size
-    projector = 2 * m + m * m + m + m * lm_hidden + lm_hidden
-    return tower, projector
+    shape = VisionShape.of(vision, lm_hidden)
+    return shape.tower_params, shape.projector_params
 
 
 def _frozen(name: str, patterns: list[str]) -> bool:
@@ -93,7 +100,8 @@ def recipe_layout(config: TrainConfig, world_size: int) -> Layout:
 
 
 def _stage_memory(config: TrainConfig, shape: ModelShape, layout: Layout, *, stage: str,
-                  num_microbatches: int) -> tuple[MemoryBreakdown, float]:
+                  num_microbatches: int, visual_tokens_per_row: int
+                  ) -> tuple[MemoryBreakdown, float]:
     """One pipeline stage's memory with frozen parameters and the vision tower accounted."""
     mem = predict_memory(shape, layout, seq=config.data.seq_length, precision=config.precision,
                          num_microbatches=num_microbatches, stage=stage,
@@ -127,21 +135,28 @@ def _stage_memory(config: TrainConfig, shape: ModelShape, layout: Layout, *, sta
     vision_bytes = 0.0
     vision = config.model.vision
     if vision is not None and stage in ("only", "first"):
-        tower, projector = vision_parameter_counts(vision, config.model.hidden_size)
-        for elements, name in ((tower, "vision.encoder.layers.0.mlp.linear_fc1.weight"),
-                               (projector, "projector.linear_1.weight")):
-            local = elements / layout.tp
+        v = VisionShape.of(vision, config.model.hidden_size)
+        tp = layout.tp
+        for local, name in ((v.tower_sharded / tp + v.tower_replicated,
+                             "vision.encoder.layers.0.mlp.linear_fc1.weight"),
+                            (v.projector_sharded / tp + v.projector_replicated,
+                             "projector.linear_1.weight")):
             vision_bytes += local * act
             if not _frozen(name, patterns):
                 vision_bytes += local * 4 + local * 8 / shards
                 if config.precision == "bf16":
                     vision_bytes += local * 4 / shards
+        patches = busiest_rank_patches(v, layout, visual_tokens_per_row=visual_tokens_per_row)
+        held = in_flight_microbatches(layout, num_microbatches) if stage == "first" else 1.0
+        vision_bytes += held * vision_activation_bytes(v, layout, patches=patches,
+                                                       precision=config.precision)
     return mem, vision_bytes
 
 
 def estimate_recipe(recipe: str, overrides: list[str], *, nodes: int, gpus_per_node: int,
                     gpu_memory_gib: float = 80.0, reserve_gib: float | None = None,
-                    gpu: str = "H100") -> RecipeEstimate:
+                    gpu: str = "H100", visual_tokens_per_row: int | None = None
+                    ) -> RecipeEstimate:
     """Validate a recipe for nodes x GPUs and estimate its layout (ConfigError when invalid)."""
     from megatron_keye.runtime.metrics import published_bf16_peak
 
@@ -152,11 +167,17 @@ def estimate_recipe(recipe: str, overrides: list[str], *, nodes: int, gpus_per_n
     reserve = 0.05 * gpu_memory_gib if reserve_gib is None else reserve_gib
     cluster = Cluster(gpus=world, gpus_per_node=gpus_per_node, memory_gib=gpu_memory_gib,
                       reserve_gib=reserve, peak_flops=published_bf16_peak(gpu) or 989.4e12)
+    data = config.data
+    if visual_tokens_per_row is None:
+        visual_tokens_per_row = default_visual_tokens_per_row(
+            seq=data.seq_length, image_max_tokens=data.image_max_tokens,
+            video_max_tokens=data.video_max_tokens)
     inputs = PlanInputs(model=config.model, seq=config.data.seq_length, cluster=cluster,
                         micro_batch=config.schedule.micro_batch_size,
                         global_batch=config.schedule.global_batch_size,
                         precision=config.precision, recompute=config.model.recompute,
-                        cp_comm=layout.cp_comm, vpp=layout.vpp)
+                        cp_comm=layout.cp_comm, vpp=layout.vpp,
+                        visual_tokens_per_row=visual_tokens_per_row)
     planned = evaluate(inputs, layout)
     usable = gpu_memory_gib - reserve
     problems = [p for p in planned.problems if not p.startswith("needs ")]
@@ -164,7 +185,8 @@ def estimate_recipe(recipe: str, overrides: list[str], *, nodes: int, gpus_per_n
     stages = ("only",) if layout.pp == 1 else ("first", "last")
     m = planned.num_microbatches or max(
         config.schedule.global_batch_size // (layout.micro_batch * layout.dp), 1)
-    options = [_stage_memory(config, shape, layout, stage=s, num_microbatches=m) for s in stages]
+    options = [_stage_memory(config, shape, layout, stage=s, num_microbatches=m,
+                             visual_tokens_per_row=visual_tokens_per_row) for s in stages]
     memory, vision_bytes = max(options, key=lambda mv: mv[0].total + mv[1])
     total = (memory.total + vision_bytes) / GIB
     if total > usable:
@@ -173,6 +195,10 @@ def estimate_recipe(recipe: str, overrides: list[str], *, nodes: int, gpus_per_n
                         f"pipeline stage; use more GPUs (parallel.context, parallel.pipeline, "
                         f"parallel.tensor), model.recompute=selective|full, or a shorter "
                         f"data.seq_length")
+        if vision_bytes:
+            problems[-1] += (f" (vision tower + projector: {vision_bytes / GIB:.1f} GiB at "
+                             f"{visual_tokens_per_row:,} visual tokens per row; "
+                             f"--visual-tokens-per-row sets the count)")
     return RecipeEstimate(recipe=recipe, config=config, nodes=nodes, gpus_per_node=gpus_per_node,
                           layout=layout, memory=memory, vision_bytes=vision_bytes,
                           usable_gib=usable, step_s=planned.step_s,
@@ -191,7 +217,7 @@ def format_estimate(est: RecipeEstimate) -> str:
         ("weights", mem.params), ("fp32 main copy", mem.main_params), ("fp32 grads", mem.grads),
         ("Adam state", mem.optimizer), ("activations", mem.activations),
         ("logits + transient", mem.logits + mem.transient),
-        ("vision tower + projector", est.vision_bytes),
+        ("vision tower + projector", est.vision_bytes),  # weights, grads, Adam, activations
     ]
     lines = [
         f"recipe {est.recipe}: {est.nodes} node(s) x {est.gpus_per_node} GPUs = {world} ranks",
@@ -205,8 +231,6 @@ def format_estimate(est: RecipeEstimate) -> str:
     lines += [f"    {name:<26}{value / GIB:8.2f} GiB" for name, value in rows if value]
     total = (mem.total + est.vision_bytes) / GIB
     lines.append(f"    {'total':<26}{total:8.2f} GiB of {est.usable_gib:.1f} usable")
-    if c.model.vision is not None:
-        lines.append("    (vision-tower activations are not modeled)")
     if est.step_s:
         lines.append(f"  speed   step {est.step_s:.2f} s | {est.tokens_per_s_per_gpu:,.0f} "
                      f"tokens/s/GPU | MFU {est.mfu:.1%} (planner: language model)")
@@ -253,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", type=float, default=None,
                    help="GiB per GPU kept for CUDA context and NCCL (default 5%%)")
     p.add_argument("--gpu", default="H100", help="GPU name for the published BF16 peak")
+    p.add_argument("--visual-tokens-per-row", type=int, default=None,
+                   help="visual LLM tokens per packed row for the vision tower's activations "
+                        "(default: 2 items of the larger of data.image_max_tokens and "
+                        "data.video_max_tokens, at most data.seq_length)")
     p.add_argument("--dry-run", action="store_true", help="check and print; queue nothing")
     p.add_argument("--submit", action="store_true", help="run the sbatch command when feasible")
     p.add_argument("--json", action="store_true", help="the estimates as JSON")
@@ -275,7 +303,7 @@ def cli_main(argv: list[str]) -> int:
             est = estimate_recipe(recipe, overrides, nodes=args.nodes,
                                   gpus_per_node=args.gpus_per_node,
                                   gpu_memory_gib=args.gpu_memory, reserve_gib=args.reserve,
-                                  gpu=args.gpu)
+                                  gpu=args.gpu, visual_tokens_per_row=args.visual_tokens_per_row)
         except ConfigError as err:
             print(f"recipe {recipe}: refused for {args.nodes} x {args.gpus_per_node} GPUs: {err}"
                   + _expected_gpus(recipe, overrides), file=sys.stderr)

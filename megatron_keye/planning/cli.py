@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_keye.config.flavors import FLAVORS
+from megatron_keye.config.flavors import FLAVORS, VISION_FLAVORS
+from megatron_keye.config.schema import VisionConfig
 from megatron_keye.planning.layout import Cluster
 from megatron_keye.planning.plan import PlanInputs, plan
 from megatron_keye.planning.report import format_table, to_json
 from megatron_keye.planning.shapes import model_config
+from megatron_keye.planning.vision import VISUAL_ITEMS_PER_ROW
 from megatron_keye.runtime.metrics import published_bf16_peak
 
 DESCRIPTION = """Plan TP/CP/PP/DP layouts for a model, sequence length and GPU cluster.
 
 Prints parameters, FLOPs per token (6N + attention), and the feasible layouts ranked by
 estimated step time with memory per rank (weights, fp32 grads, ZeRO-1 Adam state over DP·CP,
-activations with the recompute mode, logits), MFU and the context-parallel ring-overlap check.
+activations with the recompute mode, logits; with --vision-flavor the first stage also
+holds the vision tower and projector and their activations), MFU and the context-parallel ring-overlap check.
 Estimates, not measurements: see megatron_keye/planning/*.py for every coefficient.
 
 example: megatron-keye plan --flavor 8b --seq 131072 --gpus 8 --gpu H100"""
@@ -32,6 +35,12 @@ def build_parser(prog: str = "megatron-keye plan") -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"override model.{name}")
     p.add_argument("--tie-word-embeddings", action="store_true", default=None)
+    p.add_argument("--vision-flavor", default=None, choices=sorted(VISION_FLAVORS),
+                   help="add a Keye-VL vision tower + projector of this preset (first stage)")
+    p.add_argument("--visual-tokens-per-row", type=int, default=None,
+                   help="visual LLM tokens (4 patches each) in one packed row (default: "
+                        f"{VISUAL_ITEMS_PER_ROW} items of the largest image/video budget, "
+                        "at most --seq)")
     p.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -75,6 +84,10 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     overrides = {name: getattr(args, name) for name in _MODEL_FIELDS}
     overrides["tie_word_embeddings"] = args.tie_word_embeddings
     model = model_config(args.flavor, **overrides)
+    if args.vision_flavor is not None:
+        model.vision = VisionConfig.from_flavor(args.vision_flavor)
+    if args.visual_tokens_per_row is not None and args.visual_tokens_per_row < 0:
+        raise ValueError("--visual-tokens-per-row must be >= 0")
     cluster = Cluster(gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                       memory_gib=args.gpu_memory_gb, reserve_gib=(args.reserve_gb if args.reserve_gb is not None
                                    else 0.05 * args.gpu_memory_gb),
@@ -84,7 +97,8 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
                       global_batch=args.global_batch, precision=args.precision,
                       recompute=args.recompute, cp_comm=args.cp_comm, vpp=args.vpp,
                       gemm_efficiency=args.gemm_efficiency,
-                      attention_efficiency=args.attention_efficiency, dp_overlap=args.dp_overlap)
+                      attention_efficiency=args.attention_efficiency, dp_overlap=args.dp_overlap,
+                      visual_tokens_per_row=args.visual_tokens_per_row)
 
 
 def cli_main(argv: list[str] | None = None, *, prog: str = "megatron-keye plan") -> int:

@@ -117,3 +117,62 @@ def measure_worker(*, tensor: int = 1, pipeline: int = 1, **kwargs) -> dict:
 
     ParallelDims(tensor=tensor, pipeline=pipeline).initialize(seed=0)
     return measure_activation_bytes(tensor=tensor, pipeline=pipeline, **kwargs)
+
+
+def measure_vision_activation_bytes(*, vision_flavor: str = "tiny", lm_hidden: int = 64,
+                                    grids: tuple[tuple[int, int, int], ...] = ((1, 16, 16),),
+                                    precision: str = "fp32", tensor: int = 1,
+                                    sequence_parallel: bool = False, seed: int = 0) -> dict:
+    """Bytes saved for backward by the vision tower + projector encoding `grids` on this rank.
+
+    What the first pipeline stage keeps for its visual patches on top of the decoder's
+    activations (`measure_activation_bytes`). Needs megatron-core's parallel state with TP =
+    `tensor` (`measure_vision_worker`). The projected embeddings are summed as the loss (their
+    merge into the token embeddings saves only index tensors). Returns total bytes, the patch
+    count, this rank's tower + projector parameter count and the largest saved shapes.
+    """
+    import torch
+
+    from megatron_keye.config.schema import ParallelConfig, VisionConfig
+    from megatron_keye.models.keye_vl.projector import Projector
+    from megatron_keye.models.keye_vl.vision import VisionTower
+
+    vision = VisionConfig.from_flavor(vision_flavor)
+    parallel = ParallelConfig(tensor=tensor, sequence_parallel=sequence_parallel)
+    tower = VisionTower(vision, parallel=parallel, precision=precision)
+    projector = Projector(vision, lm_hidden_size=lm_hidden, parallel=parallel,
+                          precision=precision)
+    grid = torch.tensor(grids, dtype=torch.long)
+    patches = int(grid.prod(dim=1).sum())
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(patches, vision.num_channels, vision.patch_size, vision.patch_size,
+                         generator=generator)
+    params = [*tower.parameters(), *projector.parameters()]
+    with SavedTensorCounter(exclude=params) as counter:
+        loss = projector(tower(pixels, grid), grid).float().sum()
+    loss.backward()
+    largest = sorted(counter.by_shape.items(), key=lambda kv: -kv[1])[:16]
+    return {
+        "bytes": counter.total_bytes,
+        "patches": patches,
+        "params": sum(p.numel() for p in params),
+        "tensors": len(counter.storages),
+        "largest": [{"shape": list(s), "dtype": d, "bytes": b} for (s, d), b in largest],
+    }
+
+
+def measure_vision_worker(*, cases: list[dict], **kwargs) -> list[dict]:
+    """`measure_vision_activation_bytes` for each case (`tensor`, `sequence_parallel`) on every
+    rank of one spawned world, re-initializing the parallel state between cases (the world
+    size must be a multiple of every case's `tensor`; the rest is data parallel)."""
+    import os
+
+    from megatron_keye.runtime.parallel import ParallelDims
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out = []
+    for case in cases:
+        tensor = case.get("tensor", 1)
+        ParallelDims(tensor=tensor, data=world // tensor).initialize(seed=0)
+        out.append({**case, **measure_vision_activation_bytes(**kwargs, **case)})
+    return out

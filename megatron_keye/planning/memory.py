@@ -47,24 +47,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from megatron_keye.planning.components import Component, component_bytes
 from megatron_keye.planning.layout import Layout
 from megatron_keye.planning.shapes import ModelShape
+from megatron_keye.planning.vision import (
+    VisionShape,
+    busiest_rank_patches,
+    vision_activation_bytes,
+)
 
 GIB = float(2**30)
-
-# Multiplier per activation component (see module docstring). 1.0 = as derived from the code.
-CALIBRATION: dict[str, float] = {}
-
-
-@dataclass(kw_only=True, frozen=True)
-class Component:
-    """One saved tensor kind: `elements` per token, its dtype and sharding."""
-
-    name: str
-    elements: float
-    dtype: str  # "act" | "fp32" | "int64"
-    shard: str  # "tp" | "sp" | "none"
-
 
 def _norm(prefix: str, width: int, shard: str, *, out_saved: bool) -> list[Component]:
     """This project's RMSNorm: fp32 input copy, rstd, normalized; the output when a linear
@@ -124,18 +116,6 @@ def stage_components(s: ModelShape) -> list[Component]:
     return [Component(name="rope_tables", elements=s.head_dim, dtype="fp32", shard="none")]
 
 
-_BYTES = {"act": None, "fp32": 4, "int64": 8}
-
-
-def component_bytes(c: Component, layout: Layout, *, tokens: float, precision: str) -> float:
-    """Bytes of one component for `tokens` tokens of one micro-batch (before CP division)."""
-    size = _BYTES[c.dtype] or (4 if precision == "fp32" else 2)
-    div = layout.cp
-    if c.shard == "tp" or (c.shard == "sp" and layout.sequence_parallel):
-        div *= layout.tp
-    return CALIBRATION.get(c.name, 1.0) * c.elements * size * tokens / div
-
-
 def _sum(comps: list[Component], layout: Layout, *, tokens: float, precision: str) -> float:
     return sum(component_bytes(c, layout, tokens=tokens, precision=precision) for c in comps)
 
@@ -192,23 +172,25 @@ def stage_params(s: ModelShape, layout: Layout, stage: str) -> float:
 
 def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: str = "bf16",
                    num_microbatches: int = 1, stage: str | None = None,
-                   zero_stage: int = 1) -> MemoryBreakdown:
+                   zero_stage: int = 1, vision: VisionShape | None = None,
+                   visual_tokens_per_row: float = 0.0) -> MemoryBreakdown:
     """Predicted memory per rank of `stage` ("only" | "first" | "last"; None = the heaviest).
 
     `layout.micro_batch` sequences of `seq` tokens per micro-batch; ZeRO over DP·CP at
     `zero_stage` (`parallel.zero_stage`): 1 shards the optimizer state; 2 (torch FSDP2) also
     the gradients, held in the parameters' dtype, with every layer's gathered parameters alive
     from forward to backward; 3 also the parameters, plus two gathered layers in flight.
+    With `vision` (a Keye-VL model) the first stage also holds the vision tower and projector:
+    their parameters (trained like the decoder's) and the saved activations of
+    `visual_tokens_per_row` visual LLM tokens of every row (`vision.py`).
     """
     if stage is None:
+        kw = dict(seq=seq, precision=precision, num_microbatches=num_microbatches,
+                  zero_stage=zero_stage, vision=vision,
+                  visual_tokens_per_row=visual_tokens_per_row)
         if layout.pp == 1:
-            return predict_memory(shape, layout, seq=seq, precision=precision,
-                                  num_microbatches=num_microbatches, stage="only",
-                                  zero_stage=zero_stage)
-        first, last = (predict_memory(shape, layout, seq=seq, precision=precision,
-                                      num_microbatches=num_microbatches, stage=x,
-                                      zero_stage=zero_stage)
-                       for x in ("first", "last"))
+            return predict_memory(shape, layout, stage="only", **kw)
+        first, last = (predict_memory(shape, layout, stage=x, **kw) for x in ("first", "last"))
         return first if first.total >= last.total else last
     act = 4 if precision == "fp32" else 2
     n = stage_params(shape, layout, stage)
@@ -219,6 +201,10 @@ def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: st
                                             precision=precision),
                            layout, tokens=tokens, precision=precision)
     per_mb += _sum(stage_components(shape), layout, tokens=tokens, precision=precision)
+    if vision is not None and stage in ("only", "first"):
+        n += vision.rank_params(layout.tp)
+        patches = busiest_rank_patches(vision, layout, visual_tokens_per_row=visual_tokens_per_row)
+        per_mb += vision_activation_bytes(vision, layout, patches=patches, precision=precision)
     held = in_flight_microbatches(layout, num_microbatches) if stage == "first" else 1.0
     logits = transient = 0.0
     if stage in ("only", "last"):

@@ -20,6 +20,7 @@ from megatron_keye.planning.comm import CommEstimate, estimate_comm
 from megatron_keye.planning.layout import Cluster, Layout, candidate_layouts, layout_problems
 from megatron_keye.planning.memory import GIB, MemoryBreakdown, predict_memory, stage_params
 from megatron_keye.planning.shapes import ModelShape, model_flops_per_token
+from megatron_keye.planning.vision import VisionShape, default_visual_tokens_per_row
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 
@@ -40,6 +41,27 @@ class PlanInputs:
     gemm_efficiency: float = 0.60
     attention_efficiency: float = 0.45
     dp_overlap: float = 0.8
+    # Keye-VL (model.vision set): visual LLM tokens per packed row; None: the conservative
+    # default of vision.default_visual_tokens_per_row from the two budgets below.
+    visual_tokens_per_row: int | None = None
+    image_max_tokens: int = 20480  # as data.image_max_tokens
+    video_max_tokens: int = 65536  # as data.video_max_tokens
+
+    @property
+    def vision(self) -> VisionShape | None:
+        """The vision tower's shape on the first stage (None for a text-only model)."""
+        vision = self.model.vision
+        return None if vision is None else VisionShape.of(vision, self.model.hidden_size)
+
+    @property
+    def resolved_visual_tokens_per_row(self) -> int:
+        """Visual tokens per row: as given, else the conservative default (0 without vision)."""
+        if self.model.vision is None:
+            return 0
+        if self.visual_tokens_per_row is not None:
+            return self.visual_tokens_per_row
+        return default_visual_tokens_per_row(seq=self.seq, image_max_tokens=self.image_max_tokens,
+                                             video_max_tokens=self.video_max_tokens)
 
     @property
     def resolved_global_batch(self) -> int:
@@ -118,7 +140,8 @@ def evaluate(inputs: PlanInputs, layout: Layout, shape: ModelShape | None = None
     m = gbs // (layout.micro_batch * layout.dp)
     est.num_microbatches = m
     est.memory = predict_memory(shape, layout, seq=inputs.seq, precision=inputs.precision,
-                                num_microbatches=m)
+                                num_microbatches=m, vision=inputs.vision,
+                                visual_tokens_per_row=inputs.resolved_visual_tokens_per_row)
     usable = (c.memory_gib - c.reserve_gib) * GIB
     if est.memory.total > usable:
         problems.append(f"needs {est.memory.total / GIB:.1f} GiB per rank > "

@@ -26,6 +26,7 @@ def to_json_dict(result: PlanResult, *, top: int | None = None) -> dict:
             "gemm_efficiency": inputs.gemm_efficiency,
             "attention_efficiency": inputs.attention_efficiency,
             "dp_overlap": inputs.dp_overlap,
+            "visual_tokens_per_row": inputs.resolved_visual_tokens_per_row,
         },
         "model": {**asdict(result.shape), "total_params": result.shape.total_params},
         "flops_per_token": result.flops_per_token,
@@ -77,6 +78,12 @@ def format_table(result: PlanResult, *, top: int = 10) -> str:
         f"intra/inter, peak {c.peak_flops / 1e12:.1f} TFLOP/s; {i.precision}, global batch "
         f"{i.resolved_global_batch} x {i.seq:,} tokens, micro batch {i.micro_batch}",
     ]
+    if i.vision is not None:
+        v = i.vision
+        lines.append(f"vision tower {i.model.vision.flavor} on the first stage: "
+                     f"{_count(v.tower_params)} + projector {_count(v.projector_params)} "
+                     f"parameters, {i.resolved_visual_tokens_per_row:,} visual tokens "
+                     f"({i.resolved_visual_tokens_per_row * v.merge:,} patches) per row")
     rows = [_row(k + 1, e) for k, e in enumerate(result.ranked[:top])]
     if not rows:
         lines.append(f"no layout fits ({len(result.rejected)} rejected; --json lists why)")

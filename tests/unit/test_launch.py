@@ -153,10 +153,11 @@ def _launch(argv, capsys) -> tuple[int, str]:
     return rc, out.out + out.err
 
 
-@pytest.mark.parametrize("recipe", ["keye8b-stage1", "keye8b-stage2", "keye8b-stage3"])
-def test_dry_run_accepts_the_8b_stage_recipes_on_64_gpus(recipe, capsys):
+@pytest.mark.parametrize("recipe,extra", [("keye8b-stage1", []), ("keye8b-stage2", []),
+                                          ("keye8b-stage3", ["--visual-tokens-per-row=8192"])])
+def test_dry_run_accepts_the_8b_stage_recipes_on_64_gpus(recipe, extra, capsys):
     rc, out = _launch(["--dry-run", "--recipe", recipe, "--nodes", "8", "--gpus-per-node", "8",
-                       "--gpu-memory", "80"], capsys)
+                       "--gpu-memory", "80", *extra], capsys)
     assert rc == 0, out
     total = float(re.search(r"total\s+([\d.]+) GiB of 76.0 usable", out).group(1))
     assert 10 < total < 76
@@ -179,6 +180,21 @@ def test_dry_run_counts_frozen_parameters_and_the_vision_tower(capsys):
     assert 0.39e9 < tower < 0.43e9 and 35e6 < projector < 45e6  # SigLIP-so400m, mlp_AR
 
 
+def test_dry_run_counts_the_vision_towers_activations_of_128k_rows(capsys):
+    """Stage 3's default: two maximal 65,536-token videos fill a 128K row; each is encoded whole
+    on one CP rank without recompute, which does not fit; the refusal names the vision tower."""
+    rc, out = _launch(["--dry-run", "--recipe", "keye8b-stage3", "--nodes", "8",
+                       "--gpus-per-node", "8"], capsys)
+    assert rc == 2
+    assert re.search(r"vision tower \+ projector: [\d.]+ GiB at 131,072 visual tokens per row; "
+                     r"--visual-tokens-per-row sets the count", out), out
+    vision = [float(re.search(r"vision tower \+ projector\s+([\d.]+) GiB", o).group(1))
+              for o in (_launch(["--dry-run", "--recipe", "keye8b-stage3", "--nodes", "8",
+                                 "--gpus-per-node", "8", f"--visual-tokens-per-row={n}"],
+                                capsys)[1] for n in (4096, 8192))]
+    assert 0 < vision[0] < vision[1] < 2 * vision[0]  # weights + activations linear in patches
+
+
 def test_dry_run_refuses_128k_on_8_gpus_with_the_reason(capsys):
     rc, out = _launch(["--dry-run", "--recipe", "keye8b-stage3", "--nodes", "1",
                        "--gpus-per-node", "8"], capsys)
@@ -195,7 +211,8 @@ def test_dry_run_refuses_128k_on_8_gpus_with_the_reason(capsys):
     # and with a bigger allocation the planner's advice (more CP) makes it fit
     rc, out = _launch(["--dry-run", "--recipe", "keye8b-stage3", "--nodes", "2",
                        "--gpus-per-node", "8", "--parallel.tensor=2", "--parallel.context=4",
-                       "--parallel.data=1", "--model.recompute=full"], capsys)
+                       "--parallel.data=1", "--model.recompute=full",
+                       "--visual-tokens-per-row=4096"], capsys)
     assert rc == 0, out
 
 
