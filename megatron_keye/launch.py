@@ -43,6 +43,7 @@ from megatron_keye.planning.vision import (
     busiest_rank_patches,
     default_visual_tokens_per_row,
     vision_activation_bytes,
+    vision_recompute_bytes,
 )
 
 SLURM_DIR = "examples/slurm"
@@ -150,6 +151,8 @@ def _stage_memory(config: TrainConfig, shape: ModelShape, layout: Layout, *, sta
         held = in_flight_microbatches(layout, num_microbatches) if stage == "first" else 1.0
         vision_bytes += held * vision_activation_bytes(v, layout, patches=patches,
                                                        precision=config.precision)
+        vision_bytes += vision_recompute_bytes(v, layout, patches=patches,
+                                               precision=config.precision)
     return mem, vision_bytes
 
 
@@ -198,7 +201,10 @@ def estimate_recipe(recipe: str, overrides: list[str], *, nodes: int, gpus_per_n
         if vision_bytes:
             problems[-1] += (f" (vision tower + projector: {vision_bytes / GIB:.1f} GiB at "
                              f"{visual_tokens_per_row:,} visual tokens per row; "
-                             f"--visual-tokens-per-row sets the count)")
+                             f"--visual-tokens-per-row sets the count"
+                             + ("; model.vision.recompute=full keeps only each ViT layer's "
+                                "input" if config.model.vision.recompute == "none" else "")
+                             + ")")
     return RecipeEstimate(recipe=recipe, config=config, nodes=nodes, gpus_per_node=gpus_per_node,
                           layout=layout, memory=memory, vision_bytes=vision_bytes,
                           usable_gib=usable, step_s=planned.step_s,

@@ -34,6 +34,10 @@ class VisionConfig:
     spatial_merge_size: int = 2  # projector merges merge x merge patches into one LM token
     projector_norm_eps: float = 1e-5  # LayerNorm epsilon of the projector (over merge^2 * hidden)
     init_std: float = 0.02  # std of the normal weight init (drawn per parameter name)
+    # Activation recompute of the ViT layers (megatron-core's): none keeps every layer's
+    # activations for all visual patches on the first stage; full keeps only each layer's input
+    # and re-runs the layer in the backward pass (as model.recompute=full does for the decoder).
+    recompute: Literal["none", "full"] = "none"
 
     @classmethod
     def from_flavor(cls, name: str, **overrides) -> VisionConfig:
@@ -92,7 +96,9 @@ class ModelConfig:
     # models; HF export as Qwen3ForSequenceClassification). Loading an lm checkpoint into a
     # value model keeps the freshly drawn value head.
     output_head: Literal["lm", "value"] = "lm"
-    # The vision tower and projector (KeyeVL); None = a text-only model.
+    # The vision tower and projector (KeyeVL); None = a text-only model. Fields as
+    # model.vision.NAME (flavor, hidden_size, ...); model.vision.recompute: none | full
+    # (full re-runs each ViT layer in the backward pass, keeping only its input per patch).
     vision: VisionConfig | None = None
     # Token ids of the vision markers (Keye-VL-1.5's Qwen2 ids; the tiny/small flavors use the
     # shipped tiny tokenizer's). Image and video pads are replaced by vision embeddings.

@@ -37,6 +37,9 @@ def build_parser(prog: str = "megatron-keye plan") -> argparse.ArgumentParser:
     p.add_argument("--tie-word-embeddings", action="store_true", default=None)
     p.add_argument("--vision-flavor", default=None, choices=sorted(VISION_FLAVORS),
                    help="add a Keye-VL vision tower + projector of this preset (first stage)")
+    p.add_argument("--vision-recompute", default="none", choices=["none", "full"],
+                   help="the tower's model.vision.recompute (full: each ViT layer keeps only "
+                        "its input)")
     p.add_argument("--visual-tokens-per-row", type=int, default=None,
                    help="visual LLM tokens (4 patches each) in one packed row (default: "
                         f"{VISUAL_ITEMS_PER_ROW} items of the largest image/video budget, "
@@ -85,7 +88,8 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     overrides["tie_word_embeddings"] = args.tie_word_embeddings
     model = model_config(args.flavor, **overrides)
     if args.vision_flavor is not None:
-        model.vision = VisionConfig.from_flavor(args.vision_flavor)
+        model.vision = VisionConfig.from_flavor(args.vision_flavor,
+                                                recompute=args.vision_recompute)
     if args.visual_tokens_per_row is not None and args.visual_tokens_per_row < 0:
         raise ValueError("--visual-tokens-per-row must be >= 0")
     cluster = Cluster(gpus=args.gpus, gpus_per_node=args.gpus_per_node,

@@ -122,14 +122,18 @@ def measure_worker(*, tensor: int = 1, pipeline: int = 1, **kwargs) -> dict:
 def measure_vision_activation_bytes(*, vision_flavor: str = "tiny", lm_hidden: int = 64,
                                     grids: tuple[tuple[int, int, int], ...] = ((1, 16, 16),),
                                     precision: str = "fp32", tensor: int = 1,
-                                    sequence_parallel: bool = False, seed: int = 0) -> dict:
+                                    sequence_parallel: bool = False, recompute: str = "none",
+                                    seed: int = 0) -> dict:
     """Bytes saved for backward by the vision tower + projector encoding `grids` on this rank.
 
     What the first pipeline stage keeps for its visual patches on top of the decoder's
     activations (`measure_activation_bytes`). Needs megatron-core's parallel state with TP =
     `tensor` (`measure_vision_worker`). The projected embeddings are summed as the loss (their
     merge into the token embeddings saves only index tensors). Returns total bytes, the patch
-    count, this rank's tower + projector parameter count and the largest saved shapes.
+    count, this rank's tower + projector parameter count and the largest saved shapes. With
+    `recompute="full"` (`vision.recompute`) the forward keeps only the layer inputs; the bytes
+    one re-run layer saves in the backward pass (the largest over layers, freed before the next
+    one) are `recompute_bytes`, 0 without recompute.
     """
     import torch
 
@@ -137,7 +141,7 @@ def measure_vision_activation_bytes(*, vision_flavor: str = "tiny", lm_hidden: i
     from megatron_keye.models.keye_vl.projector import Projector
     from megatron_keye.models.keye_vl.vision import VisionTower
 
-    vision = VisionConfig.from_flavor(vision_flavor)
+    vision = VisionConfig.from_flavor(vision_flavor, recompute=recompute)
     parallel = ParallelConfig(tensor=tensor, sequence_parallel=sequence_parallel)
     tower = VisionTower(vision, parallel=parallel, precision=precision)
     projector = Projector(vision, lm_hidden_size=lm_hidden, parallel=parallel,
@@ -150,10 +154,22 @@ def measure_vision_activation_bytes(*, vision_flavor: str = "tiny", lm_hidden: i
     params = [*tower.parameters(), *projector.parameters()]
     with SavedTensorCounter(exclude=params) as counter:
         loss = projector(tower(pixels, grid), grid).float().sum()
-    loss.backward()
+    # Under full recompute each layer's forward runs again (with grad) in the backward pass:
+    # one counter over the backward, split at every layer's start.
+    starts: list[int] = []
+    with SavedTensorCounter(exclude=params) as rerun:
+        hooks = [layer.register_forward_pre_hook(
+            lambda module, args: starts.append(rerun.total_bytes) if torch.is_grad_enabled()
+            else None) for layer in tower.encoder.layers]
+        loss.backward()
+    for hook in hooks:
+        hook.remove()
+    bounds = [*starts, rerun.total_bytes]
+    per_layer = [b - a for a, b in zip(bounds, bounds[1:])] if starts else []
     largest = sorted(counter.by_shape.items(), key=lambda kv: -kv[1])[:16]
     return {
         "bytes": counter.total_bytes,
+        "recompute_bytes": max(per_layer, default=0),
         "patches": patches,
         "params": sum(p.numel() for p in params),
         "tensors": len(counter.storages),
@@ -162,7 +178,8 @@ def measure_vision_activation_bytes(*, vision_flavor: str = "tiny", lm_hidden: i
 
 
 def measure_vision_worker(*, cases: list[dict], **kwargs) -> list[dict]:
-    """`measure_vision_activation_bytes` for each case (`tensor`, `sequence_parallel`) on every
+    """`measure_vision_activation_bytes` for each case (`tensor`, `sequence_parallel`,
+    `recompute`) on every
     rank of one spawned world, re-initializing the parallel state between cases (the world
     size must be a multiple of every case's `tensor`; the rest is data parallel)."""
     import os

@@ -54,6 +54,7 @@ from megatron_keye.planning.vision import (
     VisionShape,
     busiest_rank_patches,
     vision_activation_bytes,
+    vision_recompute_bytes,
 )
 
 GIB = float(2**30)
@@ -214,6 +215,8 @@ def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: st
         logits = _sum(head[-1:], layout, tokens=tokens, precision=precision)
         if precision != "fp32":  # the 16-bit logits beside their fp32 copy
             transient += logits * act / 4
+    if vision is not None and stage in ("only", "first"):  # vision.recompute=full: one ViT layer
+        transient += vision_recompute_bytes(vision, layout, patches=patches, precision=precision)
     if layout.recompute == "full":  # one layer re-materialized in the backward pass
         transient += _sum(layer_components(shape, recompute="none", precision=precision),
                           layout, tokens=tokens, precision=precision)

@@ -13,11 +13,19 @@ output, its log-sum-exp and the projection's input; the MLP keeps fc1's output a
 output. Once per patch: the patch-embedding input (C·p² pixels), the 2D-RoPE cos/sin tables and
 the post-layernorm; the projector keeps, per merged token (merge² patches), its LayerNorm
 input/stats/output, linear_1's output, the GELU output and the int64 merge index. The tower
-never recomputes (its megatron config sets no recompute), so the layout's recompute mode does
-not apply. TP/SP sharding is the decoder's rule (`memory.component_bytes`); the projector's
+recomputes by its own `vision.recompute` (none | full), not the layout's (decoder) mode. TP/SP sharding is the decoder's rule (`memory.component_bytes`); the projector's
 input and output are replicated over TP. Measured (fp32, 448 patches: one 16x16 image and a
 2-frame 8x12 video): TP1 4,122,496 B vs 4,122,496 predicted, TP2 3,083,136 vs 3,083,136,
 TP2+SP 2,730,112 vs 2,687,104 (-1.6%: one more hidden-wide SP shard than modeled).
+
+With `vision.recompute=full` (megatron-core's full uniform recompute, one layer per
+checkpoint) each layer keeps only its input (hidden per patch, SP-sharded) and the backward
+pass re-runs one layer at a time, so one layer's full activations are alive briefly on top
+(`vision_recompute_bytes`, counted once, not per micro-batch in flight). Measured on the same
+tiny case, forward-saved / largest re-run layer: TP1 1,663,872 / 1,326,080 B vs 1,685,376 /
+1,304,576 predicted (sum exact: the RoPE tables are saved by the re-run, not the forward),
+TP2+SP 1,490,048 / 673,792 vs 1,468,544 / 652,288 (-2.0% in all); the forward saves 40% of
+the no-recompute bytes at TP1.
 
 Patches per micro-batch: `visual_tokens_per_row` LLM tokens of each packed row are visual
 (merge² = 4 patches each). Its default (`default_visual_tokens_per_row`) is conservative:
@@ -59,6 +67,7 @@ class VisionShape:
     tower_replicated: int
     projector_sharded: int
     projector_replicated: int
+    recompute: str = "none"  # vision.recompute: none | full
 
     @classmethod
     def of(cls, vision: VisionConfig, lm_hidden: int) -> VisionShape:
@@ -74,6 +83,7 @@ class VisionShape:
             tower_replicated=vision.num_layers * layer_replicated + embeddings + 2 * h,
             projector_sharded=m * m + m + m * lm_hidden,
             projector_replicated=2 * m + lm_hidden,
+            recompute=vision.recompute,
         )
 
     @property
@@ -135,13 +145,29 @@ def vision_activation_bytes(v: VisionShape, layout: Layout, *, patches: float,
                             precision: str) -> float:
     """Saved-for-backward bytes of the tower + projector for `patches` patches on one rank
     (CP already accounted by the caller: pass the busiest CP rank's patches)."""
-    # component_bytes divides by CP; the vision work is split over CP by whole items instead.
-    flat = Layout(tp=layout.tp, cp=1, pp=1, dp=1, sequence_parallel=layout.sequence_parallel)
-    layer = sum(component_bytes(c, flat, tokens=patches, precision=precision)
-                for c in vision_layer_components(v))
+    flat = _flat(layout)
+    kept = vision_layer_components(v) if v.recompute == "none" else [
+        Component(name="vit_layer_in", elements=v.hidden, dtype="act", shard="sp")]
+    layer = sum(component_bytes(c, flat, tokens=patches, precision=precision) for c in kept)
     once = sum(component_bytes(c, flat, tokens=patches, precision=precision)
                for c in vision_once_components(v))
     return v.layers * layer + once
+
+
+def vision_recompute_bytes(v: VisionShape, layout: Layout, *, patches: float,
+                           precision: str) -> float:
+    """Bytes of the one ViT layer re-run at a time in the backward pass under
+    `vision.recompute=full` (its full activations for `patches` patches), 0 without recompute.
+    Alive only during that layer's backward, so counted once per rank, not per micro-batch."""
+    if v.recompute == "none":
+        return 0.0
+    return sum(component_bytes(c, _flat(layout), tokens=patches, precision=precision)
+               for c in vision_layer_components(v))
+
+
+def _flat(layout: Layout) -> Layout:
+    # component_bytes divides by CP; the vision work is split over CP by whole items instead.
+    return Layout(tp=layout.tp, cp=1, pp=1, dp=1, sequence_parallel=layout.sequence_parallel)
 
 
 def default_visual_tokens_per_row(*, seq: int, image_max_tokens: int,

@@ -5,7 +5,9 @@ sequence parallelism, on the same random weights (biases and norms included) and
 images of different sizes and a video with slow and fast frames. Outputs and every tower and
 projector gradient (after the tensor-parallel reduction `finalize_model_grads` does, pieces
 gathered) must match TP=1 on both ranks; a tower-only input with an odd patch count exercises
-the sequence-parallel padding.
+the sequence-parallel padding. The same world also runs the tower with vision.recompute=full
+at TP=1 and TP=2: outputs, loss and every gradient equal recompute=none (<= 1e-6) and the
+forward saves fewer bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from tests.distributed.workers_vision import full_vision_weights, vision_case, v
 TOLERANCE = 1e-5
 LAYOUTS = [
     {"name": "tp1", "tensor": 1},
+    {"name": "tp1-full", "tensor": 1, "recompute": "full"},
     {"name": "tp2", "tensor": 2},
+    {"name": "tp2-full", "tensor": 2, "recompute": "full"},
     {"name": "tp2-sp", "tensor": 2, "sequence_parallel": True},
 ]
 
@@ -47,6 +51,22 @@ def test_tensor_parallel_equals_one_process(results, layout):
         for name, grad in reference["grads"].items():
             assert grad.norm() > 0, name
             assert _relative(got["grads"][name], grad) <= TOLERANCE, (rank, layout, name)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_full_recompute_equals_no_recompute_and_saves_less(results, layout):
+    """vision.recompute=full re-runs each ViT layer in the backward pass: the same outputs, loss
+    and gradients (fp32, <= 1e-6 relative) with fewer bytes saved by the forward."""
+    for rank, per_rank in enumerate(results):
+        plain, full = per_rank[layout], per_rank[f"{layout}-full"]
+        for key in ("features", "embeddings", "loss", "odd_features", "odd_pixel_grad",
+                    "perturbed_features", "perturbed_embeddings"):
+            assert _relative(full[key], plain[key]) <= 1e-6, (rank, layout, key)
+        assert set(full["grads"]) == set(plain["grads"])
+        for name, grad in plain["grads"].items():
+            assert grad.norm() > 0, name
+            assert _relative(full["grads"][name], grad) <= 1e-6, (rank, layout, name)
+        assert full["saved_bytes"] < 0.7 * plain["saved_bytes"], (rank, layout)
 
 
 def test_per_name_init_is_the_same_at_every_tensor_parallel_degree(results):

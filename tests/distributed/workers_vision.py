@@ -18,10 +18,10 @@ LM_HIDDEN = 40
 GRIDS = [[1, 6, 8], [1, 10, 4], [1, 6, 6], [1, 2, 4], [2, 6, 6], [1, 2, 4]]
 
 
-def vision_config():
+def vision_config(recompute: str = "none"):
     from megatron_keye.config.schema import VisionConfig
 
-    return VisionConfig.from_flavor("tiny")
+    return VisionConfig.from_flavor("tiny", recompute=recompute)
 
 
 def vision_case(seed: int = 0) -> dict:
@@ -99,11 +99,11 @@ def full_vision_weights(seed: int = 1) -> dict[str, torch.Tensor]:
     return out
 
 
-def _build(parallel, weights: dict):
+def _build(parallel, weights: dict, recompute: str = "none"):
     from megatron_keye.models.keye_vl.projector import Projector
     from megatron_keye.models.keye_vl.vision import VisionTower
 
-    vc = vision_config()
+    vc = vision_config(recompute)
     tower = VisionTower(vc, parallel=parallel, attention_backend="sdpa")
     projector = Projector(vc, lm_hidden_size=LM_HIDDEN, parallel=parallel)
     _load(tower, "tower.", weights)
@@ -150,13 +150,18 @@ def _full_grads(module, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_layout(parallel, case: dict, weights: dict) -> dict:
-    """Outputs (batch and perturbed batch) and full gradients of one layout on this rank."""
-    tower, projector = _build(parallel, weights)
+def run_layout(parallel, case: dict, weights: dict, recompute: str = "none") -> dict:
+    """Outputs (batch and perturbed batch), the loss, full gradients and the bytes autograd
+    saves in the forward of one layout (and `vision.recompute` mode) on this rank."""
+    from megatron_keye.planning.measure import SavedTensorCounter
+
+    tower, projector = _build(parallel, weights, recompute)
     pixels, grids = case["pixel_values"], case["grids"]
-    features = tower(pixels, grids)
-    embeddings = projector(features, grids)
-    loss = (features * case["feature_grad"]).sum() + (embeddings * case["embedding_grad"]).sum()
+    params = [*tower.parameters(), *projector.parameters()]
+    with SavedTensorCounter(exclude=params) as saved:
+        features = tower(pixels, grids)
+        embeddings = projector(features, grids)
+        loss = (features * case["feature_grad"]).sum() + (embeddings * case["embedding_grad"]).sum()
     loss.backward()
     grads = {**_full_grads(tower, "tower."), **_full_grads(projector, "projector.")}
     with torch.no_grad():
@@ -167,14 +172,15 @@ def run_layout(parallel, case: dict, weights: dict) -> dict:
     odd_pixels = case["odd_pixel_values"].clone().requires_grad_(True)
     odd_features = tower(odd_pixels, case["odd_grids"])
     (odd_features * case["odd_feature_grad"]).sum().backward()
-    return {"empty_shape": tuple(empty.shape), "odd_features": odd_features.detach(), "odd_pixel_grad": odd_pixels.grad,
+    return {"loss": loss.detach(), "saved_bytes": saved.total_bytes,
+            "empty_shape": tuple(empty.shape), "odd_features": odd_features.detach(), "odd_pixel_grad": odd_pixels.grad,
             "features": features.detach(), "embeddings": embeddings.detach(), "grads": grads,
             "perturbed_features": perturbed_features, "perturbed_embeddings": perturbed_embeddings}
 
 
 def vision_worker(*, layouts: list[dict], case: dict, weights: dict) -> dict:
-    """Every layout ({"tensor": n, "sequence_parallel": b}) in turn on this rank of one world;
-    parallel state is rebuilt between layouts of different TP degrees."""
+    """Every layout ({"tensor": n, "sequence_parallel": b, "recompute": none|full}) in turn on
+    this rank of one world; parallel state is rebuilt between layouts of different TP degrees."""
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_keye.config.schema import ParallelConfig
@@ -191,8 +197,10 @@ def vision_worker(*, layouts: list[dict], case: dict, weights: dict) -> dict:
             tensor_parallel.model_parallel_cuda_manual_seed(0)
             current = tp
         parallel = ParallelConfig(tensor=tp, sequence_parallel=layout.get("sequence_parallel", False))
-        results[layout["name"]] = run_layout(parallel, case, weights)
-        results[layout["name"]]["init"] = initial_weights(parallel)
+        results[layout["name"]] = run_layout(parallel, case, weights,
+                                             layout.get("recompute", "none"))
+        if layout.get("recompute", "none") == "none":  # the init does not depend on recompute
+            results[layout["name"]]["init"] = initial_weights(parallel)
     return results
 
 

@@ -16,27 +16,32 @@ from megatron_keye.planning.vision import (
     busiest_rank_patches,
     default_visual_tokens_per_row,
     vision_activation_bytes,
+    vision_recompute_bytes,
 )
 
 # One 16x16 image and a two-frame 8x12 video: 448 patches, frames of different sizes.
 GRIDS = ((1, 16, 16), (2, 8, 12))
 CASES = [{"tensor": 1}, {"tensor": 2, "sequence_parallel": False},
-         {"tensor": 2, "sequence_parallel": True}]
+         {"tensor": 2, "sequence_parallel": True},
+         {"tensor": 1, "recompute": "full"},
+         {"tensor": 2, "sequence_parallel": True, "recompute": "full"}]
 
 
 def test_vision_activations_and_parameters_match_the_tiny_tower_tp1_tp2():
     """Prediction vs the bytes autograd saves in the tiny tower + projector's forward (fp32),
     per rank at TP1, TP2 and TP2 with SP, all in one world of two; the rank's parameter count
-    equals `VisionShape.rank_params`."""
+    equals `VisionShape.rank_params`. With vision.recompute=full (TP1, TP2+SP) the forward's
+    saved bytes and the largest re-run layer's both match, and the saving is real."""
     from megatron_keye.planning.measure import measure_vision_worker
     from megatron_keye.testing.distributed import run_workers
 
-    v = VisionShape.of(VisionConfig.from_flavor("tiny"), 64)
     ranks = run_workers(measure_vision_worker, 2, timeout=240, cases=CASES, grids=GRIDS,
                         lm_hidden=64, precision="fp32")
-    single = None
+    single, plain = None, {}
     for results in ranks:
         for r in results:
+            recompute = r.get("recompute", "none")
+            v = VisionShape.of(VisionConfig.from_flavor("tiny", recompute=recompute), 64)
             layout = Layout(tp=r["tensor"], cp=1, pp=1, dp=1,
                             sequence_parallel=r.get("sequence_parallel", False))
             predicted = vision_activation_bytes(v, layout, patches=r["patches"],
@@ -44,6 +49,14 @@ def test_vision_activations_and_parameters_match_the_tiny_tower_tp1_tp2():
             assert r["patches"] == 448
             assert predicted == pytest.approx(r["bytes"], rel=0.15), r
             assert r["params"] == v.rank_params(r["tensor"]), r
+            rerun = vision_recompute_bytes(v, layout, patches=448, precision="fp32")
+            key = (r["tensor"], r.get("sequence_parallel", False))
+            if recompute == "full":
+                assert rerun == pytest.approx(r["recompute_bytes"], rel=0.15), r
+                assert r["bytes"] < 0.6 * plain[key]  # only the layer inputs stay
+                continue
+            assert rerun == 0 and r["recompute_bytes"] == 0
+            plain[key] = r["bytes"]
             if r["tensor"] == 1:
                 single = r["bytes"]
             else:
@@ -100,5 +113,12 @@ def test_plan_cli_counts_the_vision_tower(capsys):
     layout = vl["ranked"][0]["layout"]["name"]
     assert vl["ranked"][0]["memory_gib"]["activations"] > by_name[layout]["activations"]
     assert vl["ranked"][0]["memory_gib"]["params"] > by_name[layout]["params"]
+    assert cli_main([*base, "--vision-flavor", "8b", "--visual-tokens-per-row", "2048",
+                     "--vision-recompute", "full"]) == 0
+    rec = {e["layout"]["name"]: e["memory_gib"] for e in
+           json.loads(capsys.readouterr().out)["ranked"]}
+    # vision.recompute=full: the tower keeps only its layer inputs, so fewer activations.
+    assert (by_name[layout]["activations"] < rec[layout]["activations"]
+            < vl["ranked"][0]["memory_gib"]["activations"])
     result = plan(PlanInputs(model=model_config("8b"), seq=8192, cluster=Cluster(gpus=8)))
     assert result.inputs.resolved_visual_tokens_per_row == 0  # text-only model

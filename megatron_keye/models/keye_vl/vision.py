@@ -67,7 +67,8 @@ def vision_transformer_config(
     """megatron-core's TransformerConfig for the ViT layers.
 
     The tower is never pipeline- or context-split inside (it lives on the first pipeline stage;
-    CP splits whole images between ranks outside it), so those degrees are 1 here.
+    CP splits whole images between ranks outside it), so those degrees are 1 here. Activation
+    recompute follows `vision.recompute`.
     """
     check_vision_config(vision, parallel)
     bf16 = precision == "bf16"
@@ -103,7 +104,18 @@ def vision_transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **_recompute_fields(vision.recompute),
     )
+
+
+def _recompute_fields(recompute: str) -> dict:
+    """megatron-core's settings for `model.vision.recompute`: full re-runs each ViT layer from
+    its saved input in the backward pass (one layer per checkpoint, as the decoder's full mode),
+    so the first stage keeps one hidden row per patch and layer instead of all activations."""
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    return {}
 
 
 def check_grids(pixel_values: torch.Tensor, grids: torch.Tensor, vision: VisionConfig) -> None:
