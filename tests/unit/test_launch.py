@@ -181,12 +181,11 @@ def test_dry_run_counts_frozen_parameters_and_the_vision_tower(capsys):
 
 
 def test_dry_run_counts_the_vision_towers_activations_of_128k_rows(capsys):
-    """Stage 3 with keye-vl-utils' budgets: two maximal 65,536-token videos fill a 128K row;
-    each is encoded whole on one CP rank without recompute, which does not fit; the refusal
-    names the vision tower (the recipe budgets 8,192 tokens per item, which fits)."""
+    """Stage 3 without the tower's recompute: two maximal 65,536-token videos fill a 128K row;
+    each is encoded whole on one CP rank, which does not fit; the refusal names the vision
+    tower (the recipe recomputes the tower, which fits)."""
     rc, out = _launch(["--dry-run", "--recipe", "keye8b-stage3", "--nodes", "8",
-                       "--gpus-per-node", "8", "--data.video_max_tokens=65536",
-                       "--data.image_max_tokens=20480"], capsys)
+                       "--gpus-per-node", "8", "--model.vision.recompute=none"], capsys)
     assert rc == 2
     assert re.search(r"vision tower \+ projector: [\d.]+ GiB at 131,072 visual tokens per row; "
                      r"--visual-tokens-per-row sets the count", out), out
