@@ -179,8 +179,9 @@ def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: st
 
     `layout.micro_batch` sequences of `seq` tokens per micro-batch; ZeRO over DP·CP at
     `zero_stage` (`parallel.zero_stage`): 1 shards the optimizer state; 2 (torch FSDP2) also
-    the gradients, held in the parameters' dtype, with every layer's gathered parameters alive
-    from forward to backward; 3 also the parameters, plus two gathered layers in flight.
+    the gradients, held in fp32, with every layer's gathered parameters alive from forward to
+    backward; 3 also the parameters, plus two gathered layers in flight (under bf16 the stored
+    fp32 shards are the master weights, counted once, as `main_params`).
     With `vision` (a Keye-VL model) the first stage also holds the vision tower and projector:
     their parameters (trained like the decoder's) and the saved activations of
     `visual_tokens_per_row` visual LLM tokens of every row (`vision.py`).
@@ -225,10 +226,12 @@ def predict_memory(shape: ModelShape, layout: Layout, *, seq: int, precision: st
         width = 2 * kv if layout.cp_comm == "p2p" else 2 * shape.heads * shape.head_dim + kv
         transient += width * act * tokens / (layout.cp * layout.tp)
     params, grads = n * act, n * 4.0
-    if zero_stage >= 2:
-        grads = n * act / shards
-    if zero_stage >= 3:  # shards at rest, two layers (this one and the prefetched) gathered
-        params = n * act / shards + 2 * (shape.layer / layout.tp + shape.layer_norms) * act
+    if zero_stage >= 2:  # fp32 gradient shards (FSDP2 reduces and accumulates in fp32)
+        grads = n * 4.0 / shards
+    if zero_stage >= 3:  # shards at rest, two layers (this one and the prefetched) gathered;
+        # under 16-bit precision the fp32 shards are the master weights (`main_params`)
+        params = (n * 4.0 / shards if precision == "fp32" else 0.0) \
+            + 2 * (shape.layer / layout.tp + shape.layer_norms) * act
     return MemoryBreakdown(
         stage=stage,
         params=params,

@@ -111,6 +111,9 @@ class ShardedDataParallel(TorchFullyShardedDataParallel):
       that `finalize_model_grads` divides once by the global token count, as under DDP;
     - `scale_gradients` applies that division to the sharded gradients;
     - `finish_grad_sync` accepts `force_all_reduce` (FSDP2 has already reduced in backward).
+
+    Under `precision: bf16` the stored shards are fp32 and FSDP2 computes in bf16 and reduces
+    in fp32 (`_mixed_precision`), matching zero_stage 1's bf16 numerics.
     """
 
     def __init__(self, *, config: TransformerConfig, module: torch.nn.Module, zero_stage: int):
@@ -120,16 +123,22 @@ class ShardedDataParallel(TorchFullyShardedDataParallel):
             average_in_collective=False,
             reshard_after_forward=zero_stage >= 3,
         )
+        compute_dtype = config.params_dtype
+        if compute_dtype != torch.float32:
+            # The stored shards are the fp32 master weights (see `_mixed_precision`).
+            for param in module.parameters():
+                param.data = param.data.float()
         # Each transformer layer (language and vision) and the embedding is one FSDP unit; the
         # root unit holds the rest (norms, output layer, projector). megatron-core's default
         # set also names ColumnParallelLinear, which would shard a layer's linears a second
         # time after their layer (it drops it only for transformer_impl="local").
-        super().__init__(
-            config=config,
-            ddp_config=ddp_config,
-            module=module,
-            sub_modules_to_wrap={TransformerLayer, LanguageModelEmbedding},
-        )
+        with _mixed_precision(compute_dtype):
+            super().__init__(
+                config=config,
+                ddp_config=ddp_config,
+                module=module,
+                sub_modules_to_wrap={TransformerLayer, LanguageModelEmbedding},
+            )
         self.zero_stage = zero_stage
         for sub_module in self.module.modules():
             if isinstance(sub_module, FSDPModule):
@@ -178,6 +187,33 @@ class ShardedDataParallel(TorchFullyShardedDataParallel):
                     value = _local_rows(value, target)  # a whole (TP-local) tensor
                 if local.data_ptr() != value.data_ptr():
                     local.copy_(value.reshape(local.shape))
+
+
+@contextlib.contextmanager
+def _mixed_precision(compute_dtype: torch.dtype):
+    """Within the block, megatron-core's `fully_shard` calls get FSDP2's mixed-precision policy.
+
+    Under `precision: bf16` zero_stage 1 keeps bf16 parameters, fp32 master copies in the
+    optimizer, and accumulates and reduces gradients in fp32 (`grad_reduce_in_fp32`). FSDP2
+    gets the same numerics from its own mixed precision: the stored shards are fp32 (they are
+    the master weights the optimizer updates), each layer's gathered copy is cast to bf16 for
+    forward and backward (`param_dtype`), and gradients are cast to fp32 before the
+    reduce-scatter and accumulated in fp32 shards (`reduce_dtype`). With bf16 shards instead,
+    FSDP2 would reduce and accumulate gradients in bf16 and round them once per micro-batch.
+    megatron-core's wrapper passes no policy of its own, hence this scoped substitution. For
+    fp32 it is FSDP2's default (no casts).
+    """
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as mcore_fsdp
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    original = mcore_fsdp.fully_shard
+    mcore_fsdp.fully_shard = lambda module, **kwargs: fully_shard(module, mp_policy=policy,
+                                                                  **kwargs)
+    try:
+        yield
+    finally:
+        mcore_fsdp.fully_shard = original
 
 
 def _local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
@@ -301,8 +337,9 @@ def build_optimizer(
 ):
     """AdamW via megatron-core; ZeRO-1 when `parallel.distributed_optimizer` at zero_stage 1.
 
-    At zero_stage 2/3 the parameters are already DP shards (FSDP2 DTensors), so megatron-core's
-    plain optimizer over them holds 1/DP of the state without the distributed optimizer.
+    At zero_stage 2/3 the parameters are already DP shards (FSDP2 DTensors, fp32 under bf16
+    too: `ShardedDataParallel`), so megatron-core's plain fp32 optimizer over them holds 1/DP of
+    the state and of the master weights without the distributed optimizer.
     """
     config = McoreOptimizerConfig(
         optimizer="adam",
@@ -314,9 +351,12 @@ def build_optimizer(
         adam_eps=optimizer.eps,
         clip_grad=optimizer.clip_grad,
         use_distributed_optimizer=parallel.distributed_optimizer and parallel.zero_stage == 1,
-        bf16=precision == "bf16",
+        # zero_stage 2/3 store fp32 shards, FSDP2 casts them to bf16 for compute: those shards
+        # are the master weights, so the optimizer is megatron's plain fp32 one over them.
+        bf16=precision == "bf16" and parallel.zero_stage == 1,
         fp16=False,
-        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        params_dtype=torch.bfloat16 if precision == "bf16" and parallel.zero_stage == 1
+        else torch.float32,
     )
     megatron_optimizer = get_megatron_optimizer(config, chunks)
     _use_fused_torch_adamw(megatron_optimizer)

@@ -5,7 +5,8 @@ zero_stage 1, 2 and 3 on random batches and returns, per stage, the loss and eve
 whole gradient of one global batch, the bytes of gradient and parameter storage each rank holds,
 the Adam state each rank holds and the losses of a few optimizer steps. The DP=2 world also
 stops a zero_stage 2 run with a checkpoint, resumes it, and loads its weights at zero_stage 1
-with TP=2 and at zero_stage 3 (and that zero_stage 1 run's checkpoint at zero_stage 2).
+with TP=2 and at zero_stage 3 (and that zero_stage 1 run's checkpoint at zero_stage 2), and
+trains at precision=bf16 at zero_stage 1, 2 and 3 (3 with a checkpoint round trip).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def checkpoint_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dp2(checkpoint_dirs):
+def dp2(checkpoint_dirs, tmp_path_factory):
     save_dir, resave_dir = checkpoint_dirs
     return run_workers(
         zero_stages_worker, 2, layout={}, batches=_batches(), stages=(1, 2, 3), steps=STEPS,
         save_dir=str(save_dir), save_stage=2, save_at=STOP_AT, resave_dir=str(resave_dir),
+        bf16_stages=(1, 2, 3), bf16_save_dir=str(tmp_path_factory.mktemp("zero3_bf16_ckpt")),
     )
 
 
@@ -146,6 +148,72 @@ def test_export_of_a_zero2_checkpoint_equals_the_zero1_export(dp2, checkpoint_di
         assert torch.equal(zero2[name], tensor), name
 
 
+# bf16's unit roundoff (8 significant bits). Step 1 computes the same bf16 forward from the same
+# bf16 weights at every stage, so its loss is bit-equal and its gradients differ only by fp32
+# summation order (the gradient norm within TOLERANCE; bf16 reduction or accumulation would
+# be ~BF16_U off). After an update any weight one fp32 ulp apart (an Adam step summed in another
+# order) flips the bf16 rounding of activations, so later gradients differ by bf16 rounding
+# noise: gradient norms within BF16_U; the loss, a mean over 256 tokens of per-token losses
+# each off by ~BF16_U, within BF16_U / 16 (one standard deviation of that mean: sqrt(256));
+# the bf16 weights after the last of three steps per tensor within 2 * BF16_U (measured
+# <= 5.8e-3; each noisy step moves them by a fraction of a bf16 ulp). After step 1 they
+# agree to TOLERANCE: they differ only where an update cancels the weight to ~1e-7.
+BF16_U = 2.0**-8
+
+
+def test_bf16_zero2_zero3_match_zero1_at_dp2(dp2):
+    """precision=bf16 at zero_stage 2/3 (FSDP2 mixed precision) trains as at zero_stage 1
+    (megatron's distributed optimizer with fp32 main params), within bf16 rounding."""
+    for rank, per_rank in enumerate(dp2):
+        reference = per_rank[("bf16", 1)]
+        assert all(reference["applied"]) and len(set(reference["losses"])) == STEPS
+        for stage in (2, 3):
+            ours = per_rank[("bf16", stage)]
+            assert all(ours["applied"])
+            assert ours["losses"][0] == reference["losses"][0], (rank, stage)
+            assert ours["grad_norms"][0] == pytest.approx(reference["grad_norms"][0],
+                                                          rel=TOLERANCE)
+            assert ours["losses"][1:] == pytest.approx(reference["losses"][1:], rel=BF16_U / 16)
+            assert ours["grad_norms"][1:] == pytest.approx(reference["grad_norms"][1:],
+                                                           rel=BF16_U)
+            for key, rtol in (("first_weights", TOLERANCE), ("weights", 2 * BF16_U)):
+                for name, expected in reference[key].items():
+                    assert expected.dtype == torch.bfloat16, name
+                    master = ours[key][name]
+                    assert master.dtype == torch.float32, name
+                    error = relative_error(master.to(torch.bfloat16), expected)
+                    assert error <= rtol, (rank, stage, key, name, error)
+
+
+def test_bf16_dtypes_at_every_zero_stage(dp2):
+    """What goes wrong silently: bf16 compute, fp32 master weights and Adam moments, gradients
+    summed over data ranks in fp32 (`grad_reduce_in_fp32`) at every stage; at 2/3 the stored
+    FSDP2 shards are the fp32 masters the optimizer updates in place."""
+    for per_rank in dp2:
+        zero1 = per_rank[("bf16", 1)]["dtypes"]
+        assert zero1["compute"] == zero1["stored"] == {"torch.bfloat16"}
+        assert not zero1["updates_module_params"]  # fp32 copies
+        for stage in (1, 2, 3):
+            dtypes = per_rank[("bf16", stage)]["dtypes"]
+            assert dtypes["compute"] == {"torch.bfloat16"}, (stage, dtypes)
+            for key in ("masters", "adam", "reduce", "grads"):
+                assert dtypes[key] == {"torch.float32"}, (stage, key, dtypes)
+        for stage in (2, 3):
+            dtypes = per_rank[("bf16", stage)]["dtypes"]
+            assert dtypes["stored"] == {"torch.float32"} and dtypes["updates_module_params"]
+
+
+def test_bf16_zero3_checkpoint_resume_continues_the_same_run(dp2):
+    """A bf16 zero_stage 3 checkpoint after step 2 resumes with step 3's loss and the final
+    fp32 master weights bit for bit (the masters are the checkpoint's weights)."""
+    for per_rank in dp2:
+        run = per_rank[("bf16", 3)]
+        assert run["resumed_from"] == STOP_AT
+        assert run["resumed"] == run["losses"][STOP_AT:]
+        for name, weight in run["weights"].items():
+            assert torch.equal(run["resumed_weights"][name], weight), name
+
+
 def test_zero2_zero3_match_zero1_at_dp2_tp2(dp2_tp2):
     _check_against_zero1(dp2_tp2)
     _check_memory(dp2_tp2, dp=2)
@@ -184,9 +252,13 @@ def test_planner_shards_gradients_at_zero2_and_parameters_at_zero3():
     by_stage = {z: predict_memory(shape, layout, seq=8192, precision="bf16", zero_stage=z)
                 for z in (1, 2, 3)}
     one, two, three = by_stage[1], by_stage[2], by_stage[3]
-    # ZeRO-1: whole fp32 gradients; ZeRO-2/3: 1/DP shards in the parameters' dtype (bf16).
-    assert two.grads == pytest.approx(one.grads / 2 / 8) == three.grads
-    assert two.params == one.params > three.params > one.params / 8
+    # ZeRO-1: whole fp32 gradients; ZeRO-2/3: 1/DP fp32 shards (FSDP2 reduces in fp32).
+    assert two.grads == pytest.approx(one.grads / 8) == three.grads
+    # ZeRO-3 under bf16: only gathered bf16 layers; its fp32 shards are the master weights.
+    assert two.params == one.params > three.params > 0
+    assert one.main_params == two.main_params == three.main_params
+    assert three.total == pytest.approx(one.total - one.params - one.grads + three.params
+                                        + one.grads / 8)
     assert one.optimizer == two.optimizer == three.optimizer
     assert one.activations == two.activations == three.activations
     assert one.total > two.total > three.total

@@ -154,9 +154,12 @@ def cross_stage_loads(*, batches: list[dict], save_dir: str, resave_dir: str, at
 
 def zero_stages_worker(*, layout: dict, batches: list[dict], stages: tuple[int, ...], steps: int,
                        save_dir: str | None = None, save_stage: int = 2, save_at: int = 0,
-                       resave_dir: str | None = None):
+                       resave_dir: str | None = None, bf16_stages: tuple[int, ...] = (),
+                       bf16_save_dir: str | None = None):
     """Every stage's `stage_run` in this world (stage `save_stage` with the checkpoint round
-    trip when `save_dir` is given, then `cross_stage_loads` of that checkpoint)."""
+    trip when `save_dir` is given, then `cross_stage_loads` of that checkpoint), then each of
+    `bf16_stages`' `bf16_stage_run` (zero_stage 3 saving into and resuming from
+    `bf16_save_dir`), under key ("bf16", stage)."""
     results = {
         stage: stage_run(layout=layout, batches=batches, stage=stage, steps=steps,
                          save_dir=save_dir if stage == save_stage else None, save_at=save_at)
@@ -165,5 +168,120 @@ def zero_stages_worker(*, layout: dict, batches: list[dict], stages: tuple[int, 
     if save_dir and resave_dir:
         results["cross_stage"] = cross_stage_loads(batches=batches, save_dir=save_dir,
                                                    resave_dir=resave_dir, at=save_at)
+    for stage in bf16_stages:
+        results[("bf16", stage)] = bf16_stage_run(
+            layout=layout, batches=batches, stage=stage, steps=steps,
+            save_dir=bf16_save_dir if stage == 3 else None, save_at=save_at)
     dist.barrier()
     return results
+
+
+def _dtype_names(tensors) -> set[str]:
+    return {str(t.dtype) for t in tensors}
+
+
+def precision_report(trainer) -> dict:
+    """Where each dtype lives after a bf16 step: compute weights, stored parameters, optimizer.
+
+    "compute": the dtypes of the weights modules see inside forward (FSDP2's gathered copies at
+    zero_stage 2/3); "stored": the parameters at rest (local shards); "masters": the tensors
+    the optimizer updates; "adam": its moment tensors; "reduce": the dtype gradients are summed
+    over data ranks in (megatron DDP's buffers, or FSDP2's reduce dtype); "grads": the dtype of
+    the reduced gradient the optimizer reads; "updates_module_params": whether the tensors the
+    optimizer updates are the module's own parameters (FSDP2's fp32 shards) rather than copies.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from megatron_keye.runtime.mcore_fallback import optimizer_parts
+
+    seen: set[str] = set()
+    hooks = []
+    for chunk in trainer.model:
+        for module in chunk.modules():
+            if "weight" in module._parameters:
+                hooks.append(module.register_forward_pre_hook(
+                    lambda mod, _args: seen.add(str(mod.weight.dtype))))
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.loader.step = 0
+    trainer.forward_backward(trainer.loader.next_step(), force_all_reduce=True)
+    for hook in hooks:
+        hook.remove()
+    reduce, grads = set(), set()
+    for chunk in trainer.model:
+        if isinstance(chunk, DistributedDataParallel):
+            reduce |= _dtype_names(b.grad_data for b in chunk.buffers)
+            grads |= _dtype_names(p.main_grad for p in chunk.parameters())
+            continue
+        for module in chunk.modules():
+            if isinstance(module, FSDPModule):
+                group = module._get_fsdp_state()._fsdp_param_group
+                for fsdp_param in group.fsdp_params if group else []:
+                    reduce.add(str(fsdp_param.reduce_dtype or fsdp_param.param_dtype
+                                   or fsdp_param.orig_dtype))
+        grads |= _dtype_names(p.grad for p in chunk.parameters() if p.grad is not None)
+    masters, adam = set(), set()
+    for part in optimizer_parts(trainer.optimizer):
+        groups = getattr(part, "shard_fp32_from_float16_groups", None)
+        if groups is None:
+            groups = getattr(part, "fp32_from_float16_groups", None)
+        if not groups:
+            groups = [g["params"] for g in part.optimizer.param_groups]
+        masters |= _dtype_names(p for g in groups for p in g)
+        for state in part.optimizer.state.values():
+            adam |= _dtype_names(v for v in state.values() if torch.is_tensor(v) and v.dim())
+    stored = _dtype_names(p for chunk in trainer.model for p in chunk.parameters())
+    module_params = {id(p) for chunk in trainer.model for p in chunk.parameters()}
+    updated = [p for part in optimizer_parts(trainer.optimizer)
+               for g in part.optimizer.param_groups for p in g["params"]]
+    return {"compute": seen, "stored": stored, "masters": masters, "adam": adam,
+            "reduce": reduce, "grads": grads,
+            "updates_module_params": all(id(p) in module_params for p in updated)}
+
+
+def whole_weights(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter's whole stored tensor keyed by global name (DTensors gathered)."""
+    from megatron_keye.models.keye_vl.builder import named_parameters_global
+
+    out = {}
+    for chunk in trainer.model:
+        for name, param in named_parameters_global(chunk).items():
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            out[name] = whole.detach().clone()
+    return out
+
+
+def bf16_stage_run(*, layout: dict, batches: list[dict], stage: int, steps: int,
+                   save_dir: str | None = None, save_at: int = 0) -> dict:
+    """`steps` bf16 optimizer steps at `stage`: losses, gradient norms, the whole stored weights
+    after the first and the last step (bf16 parameters at zero_stage 1, fp32 master shards at
+    2/3), and `precision_report`.
+
+    With `save_dir` a checkpoint is written after step `save_at`; a fresh trainer resumes from
+    it and retakes the remaining steps ("resumed" losses and "resumed_weights").
+    """
+    extra = [f"parallel.zero_stage={stage}", "precision=bf16"]
+    if save_dir:
+        extra.append(f"checkpoint.save_dir={save_dir}")
+    config = tiny_config(layout, extra=tuple(extra))
+    trainer = build_trainer(config, batches, None)
+    trainer.loader.step = 0
+    taken = []
+    for _ in range(steps):
+        taken.append(trainer.train_step(trainer.loader.next_step()))
+        trainer.iteration += 1
+        if trainer.iteration == 1:
+            first_weights = whole_weights(trainer)
+        if save_dir and trainer.iteration == save_at:
+            trainer.save()
+    result = {"losses": [s.loss for s in taken], "grad_norms": [s.grad_norm for s in taken],
+              "applied": [s.applied for s in taken], "first_weights": first_weights,
+              "weights": whole_weights(trainer)}
+    if save_dir:
+        resumed = build_trainer(config, batches, None)
+        result["resumed_from"] = resumed.iteration
+        result["resumed"] = [resumed.train_step(resumed.loader.next_step()).loss
+                             for _ in range(steps - resumed.iteration)]
+        result["resumed_weights"] = whole_weights(resumed)
+    result["dtypes"] = precision_report(trainer)
+    return result
