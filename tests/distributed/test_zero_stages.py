@@ -205,13 +205,16 @@ def test_bf16_dtypes_at_every_zero_stage(dp2):
 
 def test_bf16_zero3_checkpoint_resume_continues_the_same_run(dp2):
     """A bf16 zero_stage 3 checkpoint after step 2 resumes with step 3's loss and the final
-    fp32 master weights bit for bit (the masters are the checkpoint's weights)."""
+    fp32 master weights bit for bit (the masters are the checkpoint's weights); its weights
+    seed a bf16 zero_stage 1 run that computes step 3's loss from them."""
     for per_rank in dp2:
         run = per_rank[("bf16", 3)]
         assert run["resumed_from"] == STOP_AT
         assert run["resumed"] == run["losses"][STOP_AT:]
         for name, weight in run["weights"].items():
             assert torch.equal(run["resumed_weights"][name], weight), name
+        # Its weights load into zero_stage 1's bf16 parameters: the same bf16 forward.
+        assert run["zero1_eval"] == run["losses"][STOP_AT]
 
 
 def test_zero2_zero3_match_zero1_at_dp2_tp2(dp2_tp2):

@@ -258,7 +258,8 @@ def bf16_stage_run(*, layout: dict, batches: list[dict], stage: int, steps: int,
     2/3), and `precision_report`.
 
     With `save_dir` a checkpoint is written after step `save_at`; a fresh trainer resumes from
-    it and retakes the remaining steps ("resumed" losses and "resumed_weights").
+    it and retakes the remaining steps ("resumed" losses and "resumed_weights"), and a bf16
+    zero_stage 1 run seeded with its weights evaluates batch `save_at` ("zero1_eval").
     """
     extra = [f"parallel.zero_stage={stage}", "precision=bf16"]
     if save_dir:
@@ -283,5 +284,10 @@ def bf16_stage_run(*, layout: dict, batches: list[dict], stage: int, steps: int,
         result["resumed"] = [resumed.train_step(resumed.loader.next_step()).loss
                              for _ in range(steps - resumed.iteration)]
         result["resumed_weights"] = whole_weights(resumed)
+        # Its weights (the fp32 masters) seed a bf16 zero_stage 1 run (bf16 parameters).
+        seeded = build_trainer(tiny_config(layout, extra=(
+            "parallel.zero_stage=1", "precision=bf16", f"checkpoint.load={save_dir}",
+            "checkpoint.load_state=weights")), batches, None)
+        result["zero1_eval"] = eval_loss(seeded, save_at)
     result["dtypes"] = precision_report(trainer)
     return result
