@@ -54,7 +54,7 @@ def dp2(checkpoint_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dp2_tp2():
     return run_workers(zero_stages_worker, 4, layout={"tensor": 2}, batches=_batches(),
-                       stages=(1, 2, 3), steps=STEPS)
+                       stages=(1, 2, 3), steps=STEPS, bf16_stages=(1, 2, 3))
 
 
 def _check_against_zero1(results: list[dict]) -> None:
@@ -155,16 +155,17 @@ def test_export_of_a_zero2_checkpoint_equals_the_zero1_export(dp2, checkpoint_di
 # order) flips the bf16 rounding of activations, so later gradients differ by bf16 rounding
 # noise: gradient norms within BF16_U; the loss, a mean over 256 tokens of per-token losses
 # each off by ~BF16_U, within BF16_U / 16 (one standard deviation of that mean: sqrt(256));
-# the bf16 weights after the last of three steps per tensor within 2 * BF16_U (measured
-# <= 5.8e-3; each noisy step moves them by a fraction of a bf16 ulp). After step 1 they
-# agree to TOLERANCE: they differ only where an update cancels the weight to ~1e-7.
+# the bf16 weights after the last of three steps per tensor within 4 * BF16_U: Adam scales
+# every element's update to ~lr whatever its gradient's size, so where a gradient is no larger
+# than that noise (embedding rows of tokens seen once or twice) the update itself is noisy
+# (measured: decoder tensors <= 3.8e-3, the embedding 5.8e-3 at DP=2 and 9.4e-3 at DP=2xTP=2).
+# After step 1 they agree to TOLERANCE (measured 4.4e-6): they differ only where an update
+# cancels the weight to ~1e-7, one fp32 ulp of the update apart.
 BF16_U = 2.0**-8
 
 
-def test_bf16_zero2_zero3_match_zero1_at_dp2(dp2):
-    """precision=bf16 at zero_stage 2/3 (FSDP2 mixed precision) trains as at zero_stage 1
-    (megatron's distributed optimizer with fp32 main params), within bf16 rounding."""
-    for rank, per_rank in enumerate(dp2):
+def _check_bf16_against_zero1(results: list[dict]) -> None:
+    for rank, per_rank in enumerate(results):
         reference = per_rank[("bf16", 1)]
         assert all(reference["applied"]) and len(set(reference["losses"])) == STEPS
         for stage in (2, 3):
@@ -176,13 +177,23 @@ def test_bf16_zero2_zero3_match_zero1_at_dp2(dp2):
             assert ours["losses"][1:] == pytest.approx(reference["losses"][1:], rel=BF16_U / 16)
             assert ours["grad_norms"][1:] == pytest.approx(reference["grad_norms"][1:],
                                                            rel=BF16_U)
-            for key, rtol in (("first_weights", TOLERANCE), ("weights", 2 * BF16_U)):
+            for key, rtol in (("first_weights", TOLERANCE), ("weights", 4 * BF16_U)):
                 for name, expected in reference[key].items():
                     assert expected.dtype == torch.bfloat16, name
                     master = ours[key][name]
                     assert master.dtype == torch.float32, name
                     error = relative_error(master.to(torch.bfloat16), expected)
                     assert error <= rtol, (rank, stage, key, name, error)
+
+
+def test_bf16_zero2_zero3_match_zero1_at_dp2(dp2):
+    """precision=bf16 at zero_stage 2/3 (FSDP2 mixed precision) trains as at zero_stage 1
+    (megatron's distributed optimizer with fp32 main params), within bf16 rounding."""
+    _check_bf16_against_zero1(dp2)
+
+
+def test_bf16_zero2_zero3_match_zero1_at_dp2_tp2(dp2_tp2):
+    _check_bf16_against_zero1(dp2_tp2)
 
 
 def test_bf16_dtypes_at_every_zero_stage(dp2):
