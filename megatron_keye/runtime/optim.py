@@ -200,13 +200,17 @@ def _mixed_precision(compute_dtype: torch.dtype):
     forward and backward (`param_dtype`), and gradients are cast to fp32 before the
     reduce-scatter and accumulated in fp32 shards (`reduce_dtype`). With bf16 shards instead,
     FSDP2 would reduce and accumulate gradients in bf16 and round them once per micro-batch.
+    Inputs are not cast (`cast_forward_inputs=False`): zero_stage 1 has no such cast either, and
+    FSDP2's would round every float a layer receives to bf16, rotary angles included (position
+    x frequency: bf16 keeps 8 bits, so angles at long context would be off by whole radians).
     megatron-core's wrapper passes no policy of its own, hence this scoped substitution. For
     fp32 it is FSDP2's default (no casts).
     """
     from megatron.core.distributed import torch_fully_sharded_data_parallel as mcore_fsdp
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     original = mcore_fsdp.fully_shard
     mcore_fsdp.fully_shard = lambda module, **kwargs: fully_shard(module, mp_policy=policy,
                                                                   **kwargs)
@@ -456,7 +460,7 @@ def optimizer_state_bytes(megatron_optimizer) -> int:
                 if torch.is_tensor(value) and value.dim() > 0:
                     total += _local_bytes(value)
         # fp32 master copies under bf16: the distributed optimizer's shards (ZeRO-1), else
-        # the plain optimizer's copies of (at ZeRO-2/3 already sharded) parameters.
+        # the plain optimizer's copies (none at ZeRO-2/3: the fp32 shards are the masters).
         masters = getattr(part, "shard_fp32_from_float16_groups", None)
         if masters is None:
             masters = getattr(part, "fp32_from_float16_groups", None)

@@ -209,9 +209,13 @@ def test_bf16_dtypes_at_every_zero_stage(dp2):
             assert dtypes["compute"] == {"torch.bfloat16"}, (stage, dtypes)
             for key in ("masters", "adam", "reduce", "grads"):
                 assert dtypes[key] == {"torch.float32"}, (stage, key, dtypes)
+        # Layers get the inputs stage 1 gives them (FSDP2 casting them would round fp32
+        # rotary tables to bf16).
+        assert "torch.float32" in zero1["layer_inputs"], zero1
         for stage in (2, 3):
             dtypes = per_rank[("bf16", stage)]["dtypes"]
             assert dtypes["stored"] == {"torch.float32"} and dtypes["updates_module_params"]
+            assert dtypes["layer_inputs"] == zero1["layer_inputs"], (stage, dtypes)
 
 
 def test_bf16_zero3_checkpoint_resume_continues_the_same_run(dp2):

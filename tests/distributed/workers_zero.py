@@ -180,27 +180,54 @@ def _dtype_names(tensors) -> set[str]:
     return {str(t.dtype) for t in tensors}
 
 
+def _float_dtypes(value, out: set[str], depth: int = 0) -> None:
+    """Add the dtype of every floating tensor in `value` (nested containers, dataclasses)."""
+    import dataclasses
+
+    if depth > 4:
+        return
+    if torch.is_tensor(value):
+        if value.is_floating_point():
+            out.add(str(value.dtype))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _float_dtypes(item, out, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _float_dtypes(item, out, depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            _float_dtypes(getattr(value, field.name), out, depth + 1)
+
+
 def precision_report(trainer) -> dict:
     """Where each dtype lives after a bf16 step: compute weights, stored parameters, optimizer.
 
     "compute": the dtypes of the weights modules see inside forward (FSDP2's gathered copies at
-    zero_stage 2/3); "stored": the parameters at rest (local shards); "masters": the tensors
+    zero_stage 2/3); "layer_inputs": the dtypes of the floating tensors each transformer layer
+    receives (hidden states, rotary tables); "stored": the parameters at rest (local shards); "masters": the tensors
     the optimizer updates; "adam": its moment tensors; "reduce": the dtype gradients are summed
     over data ranks in (megatron DDP's buffers, or FSDP2's reduce dtype); "grads": the dtype of
     the reduced gradient the optimizer reads; "updates_module_params": whether the tensors the
     optimizer updates are the module's own parameters (FSDP2's fp32 shards) rather than copies.
     """
+    from megatron.core.transformer.transformer_layer import TransformerLayer
     from torch.distributed.fsdp import FSDPModule
 
     from megatron_keye.runtime.mcore_fallback import optimizer_parts
 
     seen: set[str] = set()
+    layer_inputs: set[str] = set()
     hooks = []
     for chunk in trainer.model:
         for module in chunk.modules():
             if "weight" in module._parameters:
                 hooks.append(module.register_forward_pre_hook(
                     lambda mod, _args: seen.add(str(mod.weight.dtype))))
+            if isinstance(module, TransformerLayer):  # after FSDP2's own pre-forward hook
+                hooks.append(module.register_forward_pre_hook(
+                    lambda _mod, args, kwargs: _float_dtypes((args, kwargs), layer_inputs),
+                    with_kwargs=True))
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
     trainer.loader.step = 0
@@ -234,7 +261,8 @@ def precision_report(trainer) -> dict:
     module_params = {id(p) for chunk in trainer.model for p in chunk.parameters()}
     updated = [p for part in optimizer_parts(trainer.optimizer)
                for g in part.optimizer.param_groups for p in g["params"]]
-    return {"compute": seen, "stored": stored, "masters": masters, "adam": adam,
+    return {"compute": seen, "layer_inputs": layer_inputs, "stored": stored,
+            "masters": masters, "adam": adam,
             "reduce": reduce, "grads": grads,
             "updates_module_params": all(id(p) in module_params for p in updated)}
 
